@@ -1,0 +1,9 @@
+"""vitkit: Vision Transformers (Dosovitskiy et al., 2020) for PyTorch."""
+
+from vitkit.model import ViT, ViTConfig, count_parameters, create_model, decode_variant, resample_pos_embed
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ViT", "ViTConfig", "count_parameters", "create_model", "decode_variant", "resample_pos_embed",
+]

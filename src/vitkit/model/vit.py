@@ -1,0 +1,394 @@
+"""The Vision Transformer of Dosovitskiy et al. (2020), "An Image is Worth 16x16 Words".
+
+One file, read top to bottom: the config, then PatchEmbed -> Attention -> Mlp -> Block -> ViT.
+Shapes: B batch, C channels, H x W image, P patch, (gh, gw) patch grid, N = gh * gw patches,
+T = N + prefix tokens (1 with a class token), D width, h heads, hd = D / h head width.
+
+Parameter names follow timm's VisionTransformer, so timm state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from vitkit.model.pos_embed import INTERPOLATION_MODES, resample_pos_embed
+
+POOLS = ("cls", "gap")
+
+
+@dataclass
+class ViTConfig:
+    """Everything needed to rebuild a ViT; stored next to saved weights."""
+
+    img_size: tuple[int, int] = (224, 224)
+    """Training image size (H, W); sets the grid of the learned position embedding."""
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    """Classes of the head; 0 means no head (forward returns the pooled representation)."""
+    width: int = 768
+    depth: int = 12
+    heads: int = 12
+    mlp_dim: int = 3072
+    pool: str = "cls"
+    """"cls": classify the class token. "gap": average the patch tokens (no class token, as in the paper)."""
+    representation_size: int | None = None
+    """Width of the tanh "pre-logits" layer used in ImageNet-21k pretraining; None for none."""
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block; earlier blocks get linearly less."""
+    pos_embed_interp: str = "bicubic"
+    """How the position embedding is resampled for inputs of another size: bicubic or bilinear."""
+    name: str = field(default="", compare=False)
+    """The variant name this config came from, e.g. "B/16" (informative only)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        checks = {
+            "patch_size": self.patch_size, "in_chans": self.in_chans, "width": self.width,
+            "depth": self.depth, "heads": self.heads, "mlp_dim": self.mlp_dim,
+        }
+        for key, value in checks.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0 (0 = no head), got {self.num_classes!r}")
+        if len(self.img_size) != 2 or min(self.img_size) < 1:
+            raise ValueError(f"img_size must be a positive int or (H, W), got {self.img_size!r}")
+        for side in self.img_size:
+            if side % self.patch_size:
+                raise ValueError(
+                    f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size "
+                    f"{self.patch_size}: choose an image size that is a multiple of {self.patch_size}"
+                )
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pos_embed_interp not in INTERPOLATION_MODES:
+            raise ValueError(f"pos_embed_interp must be one of {INTERPOLATION_MODES}, got {self.pos_embed_interp!r}")
+        for key in ("dropout", "attn_dropout", "drop_path"):
+            value = getattr(self, key)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"{key} must be in [0, 1), got {value!r}")
+        if self.representation_size is not None and self.representation_size < 1:
+            raise ValueError(f"representation_size must be positive or None, got {self.representation_size!r}")
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return 1 if self.pool == "cls" else 0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["img_size"] = list(self.img_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ViTConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown ViT config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+class PatchEmbed(nn.Module):
+    """Cut the image into PxP patches and project each to width D (a PxP conv with stride P)."""
+
+    def __init__(self, patch_size: int, in_chans: int, width: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        if x.ndim != 4:
+            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+        _, c, h, w = x.shape
+        if c != self.in_chans:
+            raise ValueError(
+                f"the model takes {self.in_chans}-channel images but got {c} channels (input shape "
+                f"{tuple(x.shape)}); convert the images or build the model with in_chans={c}"
+            )
+        p = self.patch_size
+        if h % p or w % p:
+            raise ValueError(
+                f"image size {h}x{w} is not divisible by the patch size {p}: resize or crop to a multiple of {p}"
+            )
+        x = self.proj(x)  # (B, D, gh, gw)
+        grid = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection."""
+
+    def __init__(self, width: int, heads: int, attn_dropout: float = 0.0, dropout: float = 0.0):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = width // heads
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.attn_dropout = attn_dropout
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
+        q, k, v = qkv.unbind(0)  # each (B, h, T, hd)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        if need_weights:
+            # Spelled out only when the caller wants the weights, so the normal path keeps the fused kernel.
+            attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
+            attn = attn.softmax(dim=-1)
+            out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
+        else:
+            attn = None
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, hd)
+        out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
+        return self.proj_drop(self.proj(out)), attn
+
+
+class Mlp(nn.Module):
+    def __init__(self, width: int, mlp_dim: int, dropout: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(width, mlp_dim)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(mlp_dim, width)
+        self.drop2 = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drop a sample's whole residual branch with probability `rate`."""
+
+    def __init__(self, rate: float = 0.0):
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rate == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.rate
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + MSA(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.attn = Attention(cfg.width, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
+        self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, attn = self.attn(self.norm1(x), need_weights)
+        x = x + self.drop_path(attn_out)
+        x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x, attn  # (B, T, D), (B, h, T, T) or None
+
+
+class Intermediates(NamedTuple):
+    """What `ViT.forward_intermediates` returns."""
+
+    tokens: torch.Tensor
+    """(B, T, D) tokens after the final norm, as from forward_features."""
+    hidden: list[torch.Tensor]
+    """(B, T, D) output of each requested block, before the final norm."""
+    attention: list[torch.Tensor]
+    """(B, h, T, T) attention weights of each requested block (empty unless asked for)."""
+
+
+class ViT(nn.Module):
+    """Vision Transformer. Build it with `vitkit.create_model("B/16", ...)` or `ViT(ViTConfig(...))`.
+
+    Public surface used by training, fine-tuning, pretraining, inspection and export:
+    `embed_patches` -> `encode` is `forward_features`; `forward_head` turns tokens into logits;
+    `forward_intermediates` returns block outputs and attention weights; `reset_classifier`
+    puts a zero-initialised head for a new number of classes.
+    """
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.width
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.num_prefix_tokens else None
+        num_tokens = cfg.num_prefix_tokens + cfg.grid_size[0] * cfg.grid_size[1]
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d))
+        self.pos_drop = nn.Dropout(cfg.dropout)
+        rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
+        self.norm = nn.LayerNorm(d, eps=1e-6)
+        self.pre_logits = _PreLogits(d, cfg.representation_size) if cfg.representation_size else nn.Identity()
+        self.head = self._new_head(cfg.num_classes)
+        self.grad_checkpointing = False
+        self.init_weights()
+
+    @property
+    def num_features(self) -> int:
+        """Width of the representation that the head sees."""
+        return self.cfg.representation_size or self.cfg.width
+
+    def _new_head(self, num_classes: int) -> nn.Module:
+        if num_classes == 0:
+            return nn.Identity()
+        head = nn.Linear(self.num_features, num_classes)
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        return head
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """The official initialisation: see DESIGN.md."""
+        nn.init.normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.zeros_(self.cls_token)
+        # The patch projection is LeCun-normal, as Flax's default conv init.
+        _lecun_normal_(self.patch_embed.proj.weight)
+        nn.init.zeros_(self.patch_embed.proj.bias)
+        for name, module in self.named_modules():
+            if not isinstance(module, nn.Linear) or name == "head":
+                continue
+            if name.endswith("attn.qkv"):
+                # Three D x D matrices in one: the xavier bound of each, not of the fused (3D x D).
+                d = module.weight.shape[1]
+                bound = math.sqrt(6.0 / (d + d))
+                nn.init.uniform_(module.weight, -bound, bound)
+            else:
+                nn.init.xavier_uniform_(module.weight)
+            nn.init.normal_(module.bias, std=1e-6)
+        if isinstance(self.pre_logits, _PreLogits):
+            # Flax's Dense default for the pre-logits layer: LeCun normal, zero bias.
+            _lecun_normal_(self.pre_logits.fc.weight)
+            nn.init.zeros_(self.pre_logits.fc.bias)
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """Replace the head by a zero-initialised one for `num_classes` classes (0 = no head)."""
+        if not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
+        device = self.pos_embed.device
+        self.head = self._new_head(num_classes).to(device=device, dtype=self.pos_embed.dtype)
+        self.cfg.num_classes = num_classes
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute block activations in backward to save memory (same results, more compute)."""
+        self.grad_checkpointing = enable
+
+    # ---- features ----
+
+    def embed_patches(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """(B, C, H, W) images -> (B, N, D) patch embeddings and the (gh, gw) grid.
+
+        Masked patch prediction corrupts these before `encode`.
+        """
+        return self.patch_embed(x)
+
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """(1, T, D) position embedding for a patch grid, resampled in 2D if it is not the trained one."""
+        return resample_pos_embed(
+            self.pos_embed, grid, self.cfg.grid_size, self.cfg.num_prefix_tokens, self.cfg.pos_embed_interp
+        )
+
+    def _tokens(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        b = patches.shape[0]
+        if self.cls_token is not None:
+            patches = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)  # (B, T, D)
+        return self.pos_drop(patches + self.pos_embed_for(grid))
+
+    def encode(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """(B, N, D) patch embeddings -> (B, T, D) tokens after the encoder and final norm."""
+        x = self._tokens(patches, grid)
+        for block in self.blocks:
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, _ = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, _ = block(x)
+        return self.norm(x)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, T, D) tokens after the final norm."""
+        patches, grid = self.embed_patches(x)
+        return self.encode(patches, grid)
+
+    def forward_intermediates(
+        self, x: torch.Tensor, blocks: list[int] | None = None, attention: bool = False
+    ) -> Intermediates:
+        """Run the encoder and keep the outputs (and, if asked, attention weights) of some blocks.
+
+        `blocks` are indices into the encoder (negative counts from the end); None means all.
+        """
+        depth = len(self.blocks)
+        wanted = range(depth) if blocks is None else blocks
+        keep = set()
+        for i in wanted:
+            if not -depth <= i < depth:
+                raise ValueError(f"block index {i} is out of range for a {depth}-block encoder")
+            keep.add(i % depth)
+        patches, grid = self.embed_patches(x)
+        h = self._tokens(patches, grid)
+        hidden, attns = [], []
+        for i, block in enumerate(self.blocks):
+            h, attn = block(h, need_weights=attention and i in keep)
+            if i in keep:
+                hidden.append(h)
+                if attention:
+                    attns.append(attn)
+        return Intermediates(self.norm(h), hidden, attns)
+
+    # ---- head ----
+
+    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) tokens -> (B, D): the class token, or the mean of the patch tokens."""
+        if self.cfg.pool == "cls":
+            return tokens[:, 0]
+        return tokens.mean(dim=1)
+
+    def forward_head(self, tokens: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, T, D) tokens -> (B, classes) logits, or the (B, num_features) representation if pre_logits."""
+        x = self.pre_logits(self.pool(tokens))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _lecun_normal_(weight: torch.Tensor) -> None:
+    """Truncated normal with variance 1 / fan_in, cut at two standard deviations (jax's lecun_normal)."""
+    fan_in = weight[0].numel()
+    # 0.8796 is the std of a unit normal truncated to [-2, 2]; dividing restores variance 1 / fan_in.
+    std = math.sqrt(1.0 / fan_in) / 0.87962566103423978
+    nn.init.trunc_normal_(weight, std=std, a=-2.0 * std, b=2.0 * std)
+
+
+class _PreLogits(nn.Module):
+    """The tanh "pre-logits" layer of ImageNet-21k pretraining."""
+
+    def __init__(self, width: int, representation_size: int):
+        super().__init__()
+        self.fc = nn.Linear(width, representation_size)
+        self.act = nn.Tanh()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.fc(x))

@@ -1,0 +1,211 @@
+"""The model: sizes, shapes of the public surface, resampling, initialisation and errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vitkit
+from vitkit.model import ViT, ViTConfig, count_parameters, create_model, model_config, resample_pos_embed
+
+timm_pos_embed = pytest.importorskip("timm.layers.pos_embed")
+
+TINY = dict(width=32, depth=2, heads=4, mlp_dim=64)
+
+# Paper table 1 (Ti from DeiT), counted at 224 px with a 1000-class head.
+PAPER_PARAMS = {"Ti/16": 5.7e6, "S/16": 22e6, "B/16": 86e6, "L/16": 304e6, "H/14": 632e6}
+
+
+@pytest.mark.parametrize("name,expected", PAPER_PARAMS.items())
+def test_variant_parameter_count_matches_paper(name, expected):
+    count = count_parameters(model_config(name))
+    assert abs(count - expected) / expected < 0.01, (name, count)
+
+
+@pytest.mark.parametrize("name", ["Ti/16", "S/16", "S/32", "B/16", "B/32", "B/8", "L/16", "L/32", "H/14"])
+def test_every_variant_builds_on_meta_with_counted_parameters(name):
+    with torch.device("meta"):
+        model = create_model(name)
+    assert sum(p.numel() for p in model.parameters()) == count_parameters(model.cfg)
+
+
+def test_variant_names_decode():
+    cfg = model_config("ViT-B/32", num_classes=10, img_size=(64, 96))
+    assert (cfg.width, cfg.depth, cfg.heads, cfg.mlp_dim, cfg.patch_size) == (768, 12, 12, 3072, 32)
+    assert cfg.grid_size == (2, 3)
+    assert model_config("s/7").patch_size == 7
+
+
+@pytest.mark.parametrize("bad", ["X/16", "B16", "B/", "", "B/16/2"])
+def test_unknown_variant_is_a_clear_error(bad):
+    with pytest.raises(ValueError, match="unknown model name"):
+        model_config(bad)
+
+
+def test_unknown_override_is_named():
+    with pytest.raises(ValueError, match="colour"):
+        create_model("Ti/16", colour=3)
+
+
+def test_config_size_not_divisible_names_both_numbers():
+    with pytest.raises(ValueError, match=r"30x30.*patch size 16"):
+        model_config("Ti/16", img_size=30)
+
+
+def tiny_model(**overrides) -> ViT:
+    torch.manual_seed(0)
+    cfg = dict(img_size=32, num_classes=5, **TINY)
+    cfg.update(overrides)
+    return create_model("Ti/8", **cfg).eval()
+
+
+def test_official_initialisation():
+    model = create_model("S/16", num_classes=10)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    assert torch.count_nonzero(model.cls_token) == 0
+    assert abs(model.pos_embed.std().item() - 0.02) < 0.002
+    fc1 = model.blocks[0].mlp.fc1
+    bound = (6 / (fc1.in_features + fc1.out_features)) ** 0.5
+    assert fc1.weight.abs().max() <= bound and fc1.weight.abs().max() > 0.9 * bound
+    assert fc1.bias.abs().max() < 1e-5
+    qkv = model.blocks[0].attn.qkv.weight  # three 384x384 xavier matrices, not one 1152x384
+    assert qkv.abs().max() <= (6 / (384 + 384)) ** 0.5
+
+
+def test_non_square_input_uses_resampled_position_embedding():
+    model = tiny_model()
+    x = torch.randn(2, 3, 24, 40)
+    tokens = model.forward_features(x)
+    assert tokens.shape == (2, 1 + 3 * 5, 32)
+    # The same computation by hand: resample once, then run the encoder on it.
+    pos = resample_pos_embed(model.pos_embed, (3, 5), (4, 4), 1, "bicubic")
+    patches, grid = model.embed_patches(x)
+    h = torch.cat([model.cls_token.expand(2, -1, -1), patches], 1) + pos
+    for block in model.blocks:
+        h, _ = block(h)
+    torch.testing.assert_close(model.norm(h), tokens)
+
+
+def test_bad_inputs_are_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"3-channel images but got 1 channels"):
+        model(torch.randn(1, 1, 32, 32))
+    with pytest.raises(ValueError, match=r"30x32 is not divisible by the patch size 8"):
+        model(torch.randn(1, 3, 30, 32))
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        model(torch.randn(3, 32, 32))
+
+
+@pytest.mark.parametrize("mode", ["bicubic", "bilinear"])
+@pytest.mark.parametrize("old,new", [((4, 4), (6, 6)), ((4, 4), (3, 5)), ((7, 7), (4, 4)), ((2, 3), (5, 4))])
+def test_resample_matches_timm(mode, old, new):
+    torch.manual_seed(1)
+    pos = torch.randn(1, 1 + old[0] * old[1], 16)
+    ours = resample_pos_embed(pos, new, old, num_prefix_tokens=1, mode=mode)
+    theirs = timm_pos_embed.resample_abs_pos_embed(pos, list(new), list(old), num_prefix_tokens=1,
+                                                   interpolation=mode, antialias=True)
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
+    assert torch.equal(ours[:, :1], pos[:, :1])  # the class token's embedding is kept apart
+
+
+def test_resample_same_grid_is_bit_exact():
+    pos = torch.randn(1, 17, 8)
+    assert torch.equal(resample_pos_embed(pos, (4, 4), (4, 4)), pos)
+
+
+def test_resample_rejects_wrong_token_count():
+    with pytest.raises(ValueError, match=r"does not fit a 4x4 grid"):
+        resample_pos_embed(torch.randn(1, 10, 8), (5, 5), (4, 4))
+
+
+def test_intermediates_and_attention():
+    model = tiny_model()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.forward_intermediates(x, attention=True)
+    torch.testing.assert_close(out.tokens, model.forward_features(x), rtol=1e-5, atol=1e-5)
+    assert len(out.hidden) == 2 and len(out.attention) == 2
+    torch.testing.assert_close(model.norm(out.hidden[-1]), out.tokens)
+    for attn in out.attention:
+        assert attn.shape == (2, 4, 17, 17)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(2, 4, 17))
+    only_last = model.forward_intermediates(x, blocks=[-1])
+    assert len(only_last.hidden) == 1 and only_last.attention == []
+    torch.testing.assert_close(only_last.hidden[0], out.hidden[1])
+    with pytest.raises(ValueError, match="out of range"):
+        model.forward_intermediates(x, blocks=[2])
+
+
+def test_fused_attention_kernel_used_unless_weights_are_requested(monkeypatch):
+    model = tiny_model()
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(1)
+        return real_sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", counting_sdpa)
+    x = torch.randn(1, 3, 32, 32)
+    model(x)
+    assert len(calls) == 2
+    calls.clear()
+    model.forward_intermediates(x, attention=True)
+    assert len(calls) == 0
+
+
+def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing():
+    model = tiny_model(drop_path=0.0).train()
+    x = torch.randn(2, 3, 32, 32)
+    model(x).square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # The head starts at zero, so only it gets a gradient on the first step; give it weights first.
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    with torch.no_grad():
+        model.head.weight.normal_()
+    model.zero_grad()
+    model(x).square().sum().backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    assert all(g.abs().sum() > 0 for g in plain.values()), [n for n, g in plain.items() if g.abs().sum() == 0]
+    model.zero_grad()
+    model.set_grad_checkpointing(True)
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, plain[name], msg=name)
+
+
+def test_gap_pool_has_no_class_token_and_averages_patches():
+    model = tiny_model(pool="gap")
+    assert model.cls_token is None and model.pos_embed.shape == (1, 16, 32)
+    x = torch.randn(2, 3, 32, 32)
+    tokens = model.forward_features(x)
+    torch.testing.assert_close(model.forward_head(tokens, pre_logits=True), tokens.mean(1))
+
+
+def test_pre_logits_layer_and_no_head():
+    model = tiny_model(representation_size=24, num_classes=0)
+    x = torch.randn(2, 3, 32, 32)
+    features = model(x)
+    assert features.shape == (2, 24) and features.abs().max() <= 1.0  # tanh
+    assert model.num_features == 24
+
+
+def test_reset_classifier_is_zero_initialised():
+    model = tiny_model()
+    model.reset_classifier(7)
+    assert model.head.out_features == 7 and model.cfg.num_classes == 7
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.equal(model(x), torch.zeros(2, 7))
+
+
+def test_config_round_trips_through_dict():
+    cfg = model_config("B/16", img_size=(224, 160), num_classes=3, pool="gap")
+    again = ViTConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.img_size == (224, 160)
+    with pytest.raises(ValueError, match="unknown ViT config keys"):
+        ViTConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+def test_top_level_api():
+    assert vitkit.create_model is create_model
