@@ -1,9 +1,15 @@
 """vitkit: Vision Transformers (Dosovitskiy et al., 2020) for PyTorch."""
 
 from vitkit.model import ViT, ViTConfig, count_parameters, create_model, decode_variant, resample_pos_embed
+from vitkit.weights import (
+    LoadReport, WeightsError, detect_format, export_npz, infer_config, load_model, load_weights, read_weights,
+    save_weights,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ViT", "ViTConfig", "count_parameters", "create_model", "decode_variant", "resample_pos_embed",
+    "LoadReport", "WeightsError", "detect_format", "export_npz", "infer_config", "load_model", "load_weights",
+    "read_weights", "save_weights",
 ]
