@@ -1,0 +1,127 @@
+"""Time a training recipe end to end and record what it reached, for docs/results/.
+
+    .venv/bin/python benchmarks/train_recipe.py                    # the default recipe (vitkit train)
+    .venv/bin/python benchmarks/train_recipe.py --preset quick     # the 5-minute preset
+
+Runs the same code path as `vitkit train` in this process, measures wall time from the start of
+the command (data loading included) to the test result, and writes a markdown report and a JSON
+file with the command, machine, date, the test accuracy, the time and the goal checks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+# Published baselines in Fashion-MNIST's README (the dataset package's benchmark table).
+BASELINES = {"2-conv CNN + BatchNorm (README)": 93.4, "ResNet-like CNN (README)": 94.9}
+GOALS = {"default": (92.5, 30 * 60), "quick": (88.0, 5 * 60)}
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="default", choices=sorted(GOALS), help="which recipe to time")
+    parser.add_argument("--out", default="docs/results", help="where the report goes")
+    parser.add_argument("--run-dir", default=None, help="training run directory (default: runs/bench-<preset>)")
+    args, extra = parser.parse_known_args()
+
+    run_dir = args.run_dir or f"runs/bench-{args.preset}"
+    train_args = ["train", "--run.out", run_dir, "--run.overwrite", "true", "--run.progress", "false"]
+    if args.preset != "default":
+        train_args = ["train", "--preset", args.preset] + train_args[1:]
+    train_args += extra
+    command = " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv])
+
+    from vitkit.cli import main as vitkit_main
+
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    code = vitkit_main(train_args)
+    seconds = time.perf_counter() - t0
+    if code != 0:
+        print(f"training failed with exit code {code}", file=sys.stderr)
+        return code
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    top1 = 100 * results["test"]["top1"]
+    goal_acc, goal_s = GOALS[args.preset]
+    record = {
+        "benchmark": f"fashion-mnist {args.preset} recipe",
+        "command": command,
+        "vitkit_command": "vitkit " + " ".join(train_args),
+        "date": started.isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "machine": machine(),
+        "wall_seconds": round(seconds, 1),
+        "test_top1": round(top1, 2),
+        "test_top5": round(100 * results["test"]["top5"], 2),
+        "val_top1": round(100 * results["val"]["top1"], 2) if "val" in results else None,
+        "steps": results["steps"],
+        "goal": {"test_top1_at_least": goal_acc, "wall_seconds_at_most": goal_s,
+                 "met": top1 >= goal_acc and seconds <= goal_s},
+        "gap_to_baselines_points": {k: round(top1 - v, 2) for k, v in BASELINES.items()},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"fashion_mnist_{args.preset}_{started.strftime('%Y-%m-%d_%H%M')}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    m = record["machine"]
+    lines = [
+        f"# Fashion-MNIST, {args.preset} recipe",
+        "",
+        f"- command: `{command}` (runs `{record['vitkit_command']}`)",
+        f"- date: {record['date']}, commit {record['commit']}",
+        f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
+        f"with {m['torch_threads']} threads, Python {m['python']}",
+        "",
+        "| test top-1 | test top-5 | val top-1 | wall time | steps | goal | met |",
+        "|---|---|---|---|---|---|---|",
+        f"| {record['test_top1']:.2f}% | {record['test_top5']:.2f}% | "
+        f"{record['val_top1'] if record['val_top1'] is not None else '-'}% | {seconds / 60:.1f} min | "
+        f"{record['steps']} | >= {goal_acc}% in <= {goal_s // 60} min | {'yes' if record['goal']['met'] else 'NO'} |",
+        "",
+        "Distance to the CNN baselines listed in the dataset's README:",
+        "",
+        *[f"- {name}: {v:.1f}% -> {record['test_top1'] - v:+.2f} points" for name, v in BASELINES.items()],
+        "",
+    ]
+    (out / f"{stem}.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
