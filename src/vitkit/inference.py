@@ -1,0 +1,125 @@
+"""`vitkit eval` and `vitkit predict`: saved weights applied to a dataset or to image files."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from vitkit.data import eval_transform, load_dataset, load_image
+from vitkit.model import ViT
+from vitkit.train.evaluate import EvalResult, autocast, evaluate
+from vitkit.train.loop import resolve_device
+from vitkit.train.sampling import Transformed
+
+
+@dataclass
+class EvalOptions:
+    weights: str = ""
+    """A vitkit .safetensors file (as written by `vitkit train`)."""
+    data: str = "fashion-mnist"
+    """Dataset name: fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder, synthetic."""
+    data_dir: str | None = None
+    """Where the dataset's files are (default: the dataset's usual places)."""
+    split: Literal["test", "val", "train"] = "test"
+    batch_size: int = 500
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    on_bad_image: Literal["error", "skip"] = "error"
+    out: str | None = None
+    """Write the results (JSON) and a confusion-matrix plot into this directory."""
+
+
+@dataclass
+class PredictOptions:
+    weights: str = ""
+    """A vitkit .safetensors file (as written by `vitkit train`)."""
+    topk: int = 5
+    """How many classes to list per image."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: str = "auto"
+    images: list[str] = field(default_factory=list)
+
+
+def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
+    """A model rebuilt from a vitkit .safetensors file, and the preprocessing it was trained with."""
+    from vitkit.weights import load_model, read_weights
+
+    if not weights:
+        raise ValueError("--weights is required: a .safetensors file written by `vitkit train`")
+    if not Path(weights).exists():
+        raise FileNotFoundError(f"weights file {weights} does not exist")
+    model = load_model(weights).to(device).eval()
+    _, metadata = read_weights(weights)
+    preprocess = json.loads(metadata.get("vitkit_preprocess", "{}"))
+    return model, preprocess
+
+
+def _normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    # Weights imported from elsewhere carry no statistics: the [-1, 1] scaling of the official models.
+    mean = tuple(preprocess.get("mean", [0.5] * in_chans))
+    std = tuple(preprocess.get("std", [0.5] * in_chans))
+    return mean, std
+
+
+def evaluate_weights(opts: EvalOptions) -> EvalResult:
+    if opts.batch_size < 1:
+        raise ValueError(f"--batch_size must be at least 1, got {opts.batch_size}")
+    device = resolve_device(opts.device)
+    model, preprocess = load_for_inference(opts.weights, device)
+    cfg = model.cfg
+    data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans,
+                        on_bad_image=opts.on_bad_image)
+    if cfg.num_classes != data.num_classes:
+        raise ValueError(f"the weights classify {cfg.num_classes} classes but {opts.data} has {data.num_classes}; "
+                         "fine-tune them on this dataset first")
+    mean, std = _normalisation(preprocess, cfg.in_chans)
+    split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
+    result = evaluate(model, split, data.num_classes, device, opts.precision, opts.batch_size)
+    print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
+          f"loss {result.loss:.4f}  ({result.count} images)")
+    if opts.out:
+        from vitkit.atomic import atomic_write_text
+        from vitkit.train.metrics import plot_confusion
+
+        out = Path(opts.out)
+        out.mkdir(parents=True, exist_ok=True)
+        report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": opts.precision,
+                  **result.summary(), "confusion": result.confusion.tolist(), "class_names": data.class_names}
+        atomic_write_text(out / f"eval_{opts.split}.json", json.dumps(report, indent=2) + "\n")
+        plot_confusion(result.confusion, data.class_names, out / f"confusion_{opts.split}.png",
+                       f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%")
+    return result
+
+
+@torch.no_grad()
+def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
+    """Top-k (class name, probability) for each image, printed and returned."""
+    if opts.topk < 1:
+        raise ValueError(f"--topk must be at least 1, got {opts.topk}")
+    if not opts.images:
+        raise ValueError("give at least one image file to classify")
+    device = resolve_device(opts.device)
+    model, preprocess = load_for_inference(opts.weights, device)
+    cfg = model.cfg
+    if cfg.num_classes == 0:
+        raise ValueError(f"{opts.weights} has no classification head (num_classes=0): nothing to predict")
+    mean, std = _normalisation(preprocess, cfg.in_chans)
+    names = preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)]
+    transform = eval_transform(mean, std, cfg.img_size)
+    mode = "L" if cfg.in_chans == 1 else "RGB"
+    results = []
+    for path in opts.images:
+        image = transform(load_image(path, mode=mode)).unsqueeze(0).to(device)  # (1, C, H, W)
+        with autocast(device, opts.precision):
+            probs = model(image).float().softmax(-1)[0]
+        top = probs.topk(min(opts.topk, cfg.num_classes))
+        ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices.tolist())]
+        results.append(ranked)
+        print(path)
+        for name, p in ranked:
+            print(f"  {100 * p:6.2f}%  {name}")
+    return results

@@ -1,0 +1,141 @@
+"""Typed options of `vitkit train`. The defaults are the default Fashion-MNIST recipe.
+
+Each field's docstring becomes its `--help` text; configs/*.yaml files are dumps of these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+
+@dataclass
+class ModelOptions:
+    """Which ViT to build. The dataset sets image size, channels and classes."""
+
+    name: str = "Ti/4"
+    """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16'; the fields below override its dimensions."""
+    width: int | None = 192
+    """Token width D (None: the variant's)."""
+    depth: int | None = 6
+    """Number of encoder blocks (None: the variant's)."""
+    heads: int | None = 3
+    """Attention heads (None: the variant's)."""
+    mlp_dim: int | None = 384
+    """Hidden width of each block's MLP (None: the variant's)."""
+    pool: Literal["cls", "gap"] = "cls"
+    """Classify the class token ('cls') or the mean patch token ('gap')."""
+    representation_size: int | None = None
+    """Width of a tanh pre-logits layer (None: none)."""
+    dropout: float = 0.0
+    attn_dropout: float = 0.0
+    drop_path: float = 0.0
+    """Stochastic depth rate of the last block."""
+
+    def overrides(self) -> dict:
+        d = asdict(self)
+        d.pop("name")
+        return {k: v for k, v in d.items() if v is not None or k == "representation_size"}
+
+
+@dataclass
+class DataOptions:
+    """Dataset, split and augmentation."""
+
+    dataset: str = "fashion-mnist"
+    """fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder or synthetic."""
+    data_dir: str | None = None
+    """Where the dataset's files are (default: the dataset's usual places; env VITKIT_DATA_DIR)."""
+    download: bool = False
+    """Allow downloading the dataset with torchvision when it is not found locally."""
+    val_size: float | None = None
+    """Validation split taken from train: a count or a fraction (None: the dataset's default)."""
+    image_size: int | None = None
+    """Train at this size (None: the dataset's native size)."""
+    crop: Literal["pad", "inception", "none"] = "pad"
+    """Random crop: 'pad' (pad then crop back), 'inception' (random resized crop), or none."""
+    pad: int = 2
+    """Padding of the 'pad' crop, in pixels."""
+    flip: bool = True
+    """Random horizontal flip."""
+    randaugment: int = 0
+    """RandAugment magnitude (0: off)."""
+    random_erasing: float = 0.0
+    """Probability of random erasing (0: off)."""
+    mixup: float = 0.0
+    """Mixup alpha (0: off)."""
+    cutmix: float = 0.0
+    """CutMix alpha (0: off)."""
+    on_bad_image: Literal["error", "skip"] = "error"
+    """On an unreadable image: stop naming the file, or skip it and list it in the run directory."""
+    num_workers: int = 0
+    """Data-loading worker processes (0: load in the training process)."""
+
+
+@dataclass
+class OptimOptions:
+    """Optimiser, schedule and regularisation."""
+
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 2e-3
+    """Peak learning rate (for the effective batch size)."""
+    weight_decay: float = 0.05
+    """Decoupled weight decay; never applied to biases, norms, position embedding or class token."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    momentum: float = 0.9
+    """SGD momentum."""
+    batch_size: int = 128
+    """Images per optimiser step (the effective batch)."""
+    accumulate: int = 1
+    """Split each step into this many micro-batches (for batches that do not fit in memory)."""
+    epochs: float = 4.0
+    """Training length in epochs (fractions allowed)."""
+    warmup: float = 0.03
+    """Linear warm-up: a fraction of all steps if < 1, else a number of steps."""
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warm-up, to zero at the end."""
+    clip_grad: float | None = 1.0
+    """Clip the global gradient norm to this (None: no clipping)."""
+    label_smoothing: float = 0.1
+    ema: float = 0.0
+    """Decay of an exponential moving average of the weights (e.g. 0.999; 0: off). Evaluated and saved when on."""
+
+
+@dataclass
+class RunOptions:
+    """Where results go, precision, and reproducibility."""
+
+    out: str = "runs/fashion-mnist"
+    """Run directory: config, metrics, TensorBoard logs, plots and checkpoints."""
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "bf16"
+    """bf16: autocast matmuls to bfloat16 (fast on CPUs with AVX-512 BF16 and on recent GPUs)."""
+    compile: bool = False
+    """torch.compile the model (slower start, faster steps)."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'."""
+    resume: bool = False
+    """Continue the run in `out` from its last checkpoint."""
+    overwrite: bool = False
+    """Allow starting a new run in a directory that already holds one."""
+    checkpoint_every: int = 500
+    """Write a resumable checkpoint every this many steps (and at each epoch end)."""
+    keep_checkpoints: int = 2
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
+    tensorboard: bool = True
+    progress: bool = True
+    """Show a progress bar."""
+    max_steps: int | None = None
+    """Stop after this many steps (for smoke tests; the schedule still spans all epochs)."""
+
+
+@dataclass
+class TrainConfig:
+    model: ModelOptions = field(default_factory=ModelOptions)
+    data: DataOptions = field(default_factory=DataOptions)
+    optim: OptimOptions = field(default_factory=OptimOptions)
+    run: RunOptions = field(default_factory=RunOptions)
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,78 @@
+"""Evaluation of a classifier over a dataset: loss, top-1/top-5 and the confusion matrix."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vitkit.train.metrics import confusion_matrix, topk_correct
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    top1: float
+    top5: float
+    count: int
+    confusion: torch.Tensor
+
+    def summary(self) -> dict:
+        return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count}
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on the device when asked; fp32 otherwise."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision != "fp32":
+        raise ValueError(f"unknown precision {precision!r}: choose fp32 or bf16")
+    return contextlib.nullcontext()
+
+
+def collate_drop_none(batch):
+    """Default collation, after dropping items a dataset skipped (unreadable images)."""
+    batch = [item for item in batch if item is not None]
+    if not batch:
+        return None
+    return torch.utils.data.default_collate(batch)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    num_classes: int,
+    device: torch.device,
+    precision: str = "fp32",
+    batch_size: int = 500,
+    num_workers: int = 0,
+) -> EvalResult:
+    """Mean loss, top-1 and top-5 accuracy (fractions) and confusion matrix of `model` on `dataset`."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_drop_none, generator=torch.Generator())  # keeps the global RNG still
+    loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    for batch in loader:
+        if batch is None:
+            continue
+        images, labels = batch[0].to(device), batch[1].to(device)
+        with autocast(device, precision):
+            logits = model(images)
+        logits = logits.float()
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        hits = topk_correct(logits, labels, (1, 5))
+        correct1 += hits[1]
+        correct5 += hits[5]
+        count += len(labels)
+        confusion += confusion_matrix(logits.argmax(1).cpu(), labels.cpu(), num_classes)
+    model.train(was_training)
+    if count == 0:
+        raise ValueError("the evaluation set is empty: nothing to evaluate")
+    return EvalResult(loss_sum / count, correct1 / count, correct5 / count, count, confusion)

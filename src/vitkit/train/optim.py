@@ -1,0 +1,84 @@
+"""Optimisers and learning-rate schedules."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+# Parameters that carry no weight decay: biases, norm scales, and the learned embeddings that
+# are positions or a single token rather than a projection.
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: matrices with weight decay; biases, norms, position embedding, class token without."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    name: str,
+    lr: float,
+    weight_decay: float = 0.0,
+    betas: tuple[float, float] = (0.9, 0.999),
+    momentum: float = 0.9,
+) -> torch.optim.Optimizer:
+    if lr <= 0 or not math.isfinite(lr):
+        raise ValueError(f"learning rate must be a positive number, got {lr!r}")
+    if weight_decay < 0:
+        raise ValueError(f"weight decay must be >= 0, got {weight_decay!r}")
+    groups = parameter_groups(model, weight_decay)
+    # foreach: one fused kernel launch per parameter list, the fast path on CPU.
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    if name == "adam":
+        # Adam with L2 decay folded into the gradient, as in the paper's pretraining.
+        return torch.optim.Adam(groups, lr=lr, betas=betas, foreach=True)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
+    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam or sgd")
+
+
+def warmup_steps(warmup: float, total_steps: int) -> int:
+    """`warmup` < 1 is a fraction of all steps, otherwise a step count."""
+    if warmup < 0:
+        raise ValueError(f"warmup must be >= 0, got {warmup!r}")
+    steps = round(warmup * total_steps) if warmup < 1 else int(warmup)
+    return min(steps, total_steps)
+
+
+def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
+    """Multiplier of the peak learning rate at `step` (0-based): linear warm-up, then decay to zero."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total_steps - warmup)
+    progress = min(progress, 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "linear":
+        return 1.0 - progress
+    raise ValueError(f"unknown schedule {schedule!r}: choose cosine, linear or constant")
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, schedule: str
+) -> torch.optim.lr_scheduler.LambdaLR:
+    lr_factor(0, total_steps, warmup, schedule)  # reject an unknown schedule now, not at step 1
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule)
+    )

@@ -1,0 +1,33 @@
+"""torchrun with two processes trains the same model as one process on the whole batch."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+ARGS = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "2", "--model.heads", "2",
+        "--model.mlp_dim", "64", "--optim.optimizer", "sgd", "--optim.lr", "0.05", "--optim.epochs", "1",
+        "--optim.batch_size", "32", "--data.pad", "1", "--run.precision", "fp32", "--run.progress", "false",
+        "--run.tensorboard", "false"]
+
+
+def test_two_processes_match_one(tmp_path):
+    one = subprocess.run([sys.executable, "-m", "vitkit.cli", *ARGS, "--run.out", str(tmp_path / "one")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vitkit.cli", *ARGS, "--run.out", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5, msg=key)
+    # Both runs learned (a model that stayed at its initialisation would also "match").
+    for run in ("one", "two"):
+        results = json.loads((tmp_path / run / "results.json").read_text())
+        assert results["test"]["top1"] > 0.3, (run, results["test"])

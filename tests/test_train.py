@@ -1,0 +1,188 @@
+"""Training: it learns, resumes bit-exactly, writes its run directory, and fails clearly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from vitkit.cli import available_presets, build_parser, main, presets_dir
+from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
+from vitkit.train.loop import TrainingError, train
+
+
+def tiny_config(out: Path, **optim) -> TrainConfig:
+    """A run on the synthetic set that takes seconds."""
+    return TrainConfig(
+        model=ModelOptions(name="Ti/4", width=32, depth=2, heads=2, mlp_dim=64),
+        data=DataOptions(dataset="synthetic", crop="pad", pad=1, flip=False),
+        optim=OptimOptions(**{"batch_size": 32, "epochs": 3, "lr": 3e-3, "warmup": 0.1, **optim}),
+        run=RunOptions(out=str(out), precision="fp32", progress=False, tensorboard=False, checkpoint_every=7),
+    )
+
+
+def test_tiny_run_learns_far_above_chance(tmp_path):
+    result = train(tiny_config(tmp_path / "run"))
+    chance = 1 / 10
+    assert result.test is not None and result.test.top1 > chance + 0.5, result.test
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "results.json", "model.safetensors", "best.safetensors",
+                 "plots/curves.png", "plots/confusion_test.png", "checkpoints/last"):
+        assert (run / name).exists(), name
+    results = json.loads((run / "results.json").read_text())
+    assert results["test"]["top1"] == pytest.approx(result.test.top1)
+    confusion = torch.tensor(results["test_confusion"])
+    assert confusion.sum() == result.test.count
+    assert confusion.diagonal().sum() / confusion.sum() == pytest.approx(result.test.top1)
+
+
+def _losses(run: Path) -> list[tuple[int, float]]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
+
+
+def test_resume_mid_epoch_is_bit_exact(tmp_path):
+    # dropout and drop path use the global RNG: the resumed run must restore it exactly.
+    whole = tiny_config(tmp_path / "whole")
+    whole.model.dropout, whole.model.drop_path = 0.1, 0.1
+    whole.optim.ema = 0.9
+    train(whole)
+
+    part = tiny_config(tmp_path / "part")
+    part.model.dropout, part.model.drop_path = 0.1, 0.1
+    part.optim.ema = 0.9
+    part.run.max_steps = 17  # mid-epoch, and not on a checkpoint boundary: resume starts from step 14
+    train(part)
+    part.run.max_steps = None
+    part.run.resume = True
+    train(part)
+
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # Same loss at every logged step, including the ones after the resume point.
+    whole_losses = dict(_losses(tmp_path / "whole"))
+    for step, loss in _losses(tmp_path / "part"):
+        if step in whole_losses and step % 50 == 0:
+            assert loss == whole_losses[step]
+
+
+def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+    # SGD, not Adam: the key bias gets an exactly-zero gradient (softmax ignores a shift), and Adam
+    # would blow the rounding noise of that zero up to full-size steps.
+    one = train(tiny_config(tmp_path / "one", epochs=0.2, optimizer="sgd", lr=0.05))
+    four = train(tiny_config(tmp_path / "four", epochs=0.2, optimizer="sgd", lr=0.05, accumulate=4))
+    a = load_file(one.run_dir / "model.safetensors")
+    b = load_file(four.run_dir / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from vitkit.model.vit import ViT
+
+    real_forward = ViT.forward
+    calls = {"n": 0}
+
+    def poisoned(self, x):
+        calls["n"] += 1
+        out = real_forward(self, x)
+        return out * float("nan") if calls["n"] == 10 and self.training else out
+
+    monkeypatch.setattr(ViT, "forward", poisoned)
+    cfg = tiny_config(tmp_path / "run")
+    with pytest.raises(TrainingError, match=r"loss became non-finite at step 10 .*step-000007\.safetensors"):
+        train(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "last").read_text().strip() == "step-000007"
+
+    monkeypatch.setattr(ViT, "forward", real_forward)
+    calls["n"] = 0
+    cfg.run.overwrite = True
+    cfg.run.on_nonfinite = "skip"
+    monkeypatch.setattr(ViT, "forward", poisoned)
+    result = train(cfg)
+    assert result.skipped_steps == 1
+
+
+def test_existing_run_is_not_overwritten_by_accident(tmp_path):
+    cfg = tiny_config(tmp_path / "run", epochs=0.1)
+    train(cfg)
+    before = (tmp_path / "run" / "model.safetensors").read_bytes()
+    with pytest.raises(TrainingError, match="already holds a run"):
+        train(cfg)
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("recipe", sorted(presets_dir().glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_parses(recipe):
+    first = recipe.read_text().splitlines()[0]
+    assert first.startswith("# vitkit "), f"{recipe.name} must start with the command that runs it"
+    ns = build_parser().parse_args(["train", "--config", str(recipe)])
+    init = build_parser().instantiate(ns)
+    assert isinstance(init.train.optim, OptimOptions)
+
+
+def test_default_recipe_file_equals_the_defaults():
+    ns = build_parser().parse_args(["train", "--config", str(presets_dir() / "fashion_mnist.yaml")])
+    init = build_parser().instantiate(ns).train
+    assert TrainConfig(init.model, init.data, init.optim, init.run) == TrainConfig()
+
+
+def test_presets_include_quick():
+    assert "quick" in available_presets()
+
+
+def test_cli_option_errors_are_clear(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        main(["train", "--optim.no_such_option", "1"])
+    assert err.value.code != 0
+    assert "no_such_option" in capsys.readouterr().err
+    code = main(["train", "--optim.batch_size", "0", "--run.out", str(tmp_path / "r")])
+    assert code == 2
+    assert "--optim.batch_size must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["train", "--preset", "nope"]) == 2
+    assert "unknown preset 'nope'" in capsys.readouterr().err
+
+
+def test_cli_train_eval_predict_end_to_end(tmp_path):
+    from PIL import Image
+
+    run = tmp_path / "run"
+    cli = [sys.executable, "-m", "vitkit.cli"]
+    train_cmd = cli + ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "1",
+                       "--model.heads", "2", "--model.mlp_dim", "32", "--optim.epochs", "1", "--optim.batch_size",
+                       "64", "--run.out", str(run), "--run.progress", "false", "--run.precision", "fp32"]
+    done = subprocess.run(train_cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["width"] == 32 and saved["data"]["dataset"] == "synthetic"
+    assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
+
+    done = subprocess.run(cli + ["eval", "--weights", str(run / "model.safetensors"), "--data", "synthetic",
+                                 "--precision", "fp32"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    results = json.loads((run / "results.json").read_text())
+    assert f"top-1 {100 * results['test']['top1']:.2f}%" in done.stdout
+
+    image = tmp_path / "big.png"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(image)
+    done = subprocess.run(cli + ["predict", "--weights", str(run / "model.safetensors"), "--topk", "3", str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[0] == str(image) and len(lines) == 4
+    probs = [float(line.split("%")[0]) for line in lines[1:]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 100.01
+
+    done = subprocess.run(cli + ["predict", "--weights", str(tmp_path / "missing.safetensors"), str(image)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "missing.safetensors does not exist" in done.stderr
+    assert "Traceback" not in done.stderr
