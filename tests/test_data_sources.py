@@ -56,8 +56,9 @@ def test_resolve_count(size, total, expected):
     assert resolve_count(size, total) == expected
 
 
-@pytest.mark.parametrize("size, error", [(0.99, ValueError), (True, TypeError), ("5", TypeError), (-1, ValueError), (10, ValueError),
-                                         (1.5, ValueError), (float("nan"), ValueError), (-0.1, ValueError)])
+@pytest.mark.parametrize("size, error", [(0.99, ValueError), (True, TypeError), ("5", TypeError), (-1, ValueError),
+                                         (10, ValueError), (1.5, ValueError), (float("nan"), ValueError),
+                                         (-0.1, ValueError)])
 def test_resolve_count_rejects_bad_sizes(size, error):
     with pytest.raises(error, match="val_size"):
         resolve_count(size, 10)

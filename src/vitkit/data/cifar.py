@@ -97,7 +97,8 @@ def read_batch(path: Path, layout: CifarLayout) -> tuple[torch.Tensor, torch.Ten
     if len(labels) != len(data):
         raise DataFileError(path, f"{len(labels)} labels for {len(data)} images")
     if len(labels) and (labels.min() < 0 or labels.max() >= layout.num_classes):
-        raise DataFileError(path, f"labels must lie in 0..{layout.num_classes - 1}, found {labels.min()}..{labels.max()}")
+        raise DataFileError(path, f"labels must lie in 0..{layout.num_classes - 1}, "
+                                  f"found {labels.min()}..{labels.max()}")
     images = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32)  # planes R, G, B, rows of 32
     return images, torch.from_numpy(labels)
 

@@ -12,6 +12,8 @@ Normalisation constants: mean 0.3060, std 0.3763, over the 1,437 train + validat
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -30,6 +32,7 @@ def rescale(values: np.ndarray) -> np.ndarray:
     return np.floor(np.clip(values, 0, 16) * 255 / 16 + 0.5).astype(np.uint8)
 
 
+@functools.lru_cache(maxsize=1)  # parsing the package's text file takes seconds; the result is small
 def _read() -> ImageTensorDataset:
     try:
         from sklearn.datasets import load_digits

