@@ -27,7 +27,7 @@ data:
 
 demo: setup data
 	$(BIN)/vitkit --help
-	$(BIN)/vitkit train
+	$(BIN)/vitkit train --run.overwrite true
 
 # pytest exits 5 when it collected no tests: that is a broken suite here, not a pass.
 test: setup

@@ -52,6 +52,15 @@ def git_commit() -> str:
         return "unknown"
 
 
+def tree_is_dirty() -> bool:
+    """True when the work tree differs from the commit (the run then used uncommitted code or recipes)."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="default", choices=sorted(GOALS), help="which recipe to time")
@@ -69,6 +78,7 @@ def main() -> int:
     from vitkit.cli import main as vitkit_main
 
     started = datetime.now(timezone.utc)
+    commit = git_commit() + ("+uncommitted changes" if tree_is_dirty() else "")  # taken before the run starts
     t0 = time.perf_counter()
     code = vitkit_main(train_args)
     seconds = time.perf_counter() - t0
@@ -83,7 +93,7 @@ def main() -> int:
         "command": command,
         "vitkit_command": "vitkit " + " ".join(train_args),
         "date": started.isoformat(timespec="seconds"),
-        "commit": git_commit(),
+        "commit": commit,
         "machine": machine(),
         "wall_seconds": round(seconds, 1),
         "test_top1": round(top1, 2),

@@ -186,3 +186,39 @@ def test_cli_train_eval_predict_end_to_end(tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2 and "missing.safetensors does not exist" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def _image_folder(root: Path, bad: list[str]) -> None:
+    """Two classes of 12 solid-colour 8x8 PNGs each, plus the named corrupt files in class 'b'."""
+    from PIL import Image
+
+    for k, (name, colour) in enumerate((("a", (250, 20, 20)), ("b", (20, 20, 250)))):
+        folder = root / name
+        folder.mkdir(parents=True)
+        for i in range(12):
+            Image.new("RGB", (8, 8), tuple(max(0, c - 3 * i) for c in colour)).save(folder / f"{i}.png")
+    for name in bad:
+        (root / "b" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG cut off after its header
+
+
+def _folder_config(root: Path, out: Path, on_bad_image: str) -> TrainConfig:
+    cfg = tiny_config(out, batch_size=4, epochs=1)
+    cfg.data = DataOptions(dataset="image-folder", data_dir=str(root), image_size=8, crop="none", flip=False,
+                           on_bad_image=on_bad_image, val_size=0.25)
+    cfg.model.name = "Ti/4"
+    return cfg
+
+
+def test_corrupt_image_stops_with_its_name_or_is_skipped_and_listed(tmp_path, capsys):
+    root = tmp_path / "images"
+    _image_folder(root, bad=["broken1.png", "broken2.png"])
+    code = main(["train", "--config", str(presets_dir() / "fashion_mnist.yaml"), "--data.dataset", "image-folder",
+                 "--data.data_dir", str(root), "--data.image_size", "8", "--run.out", str(tmp_path / "stop"),
+                 "--run.progress", "false"])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken" in err and "Traceback" not in err
+
+    result = train(_folder_config(root, tmp_path / "skip", "skip"))
+    assert result.test is not None
+    listed = (tmp_path / "skip" / "skipped_images.txt").read_text().splitlines()
+    assert sorted(Path(line.split("\t")[0]).name for line in listed) == ["broken1.png", "broken2.png"]

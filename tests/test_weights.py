@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import vitkit
+from randomised import randomise_
 from vitkit.model import ViT, create_model
 from vitkit.weights import (
     CONFIG_KEY, WeightsError, detect_format, export_npz, infer_config, load_model, load_weights, read_weights,
@@ -24,21 +25,6 @@ from vitkit.weights import (
 timm_pos_embed = pytest.importorskip("timm.layers.pos_embed")
 
 TINY = dict(img_size=32, num_classes=5, width=32, depth=2, heads=4, mlp_dim=64)
-
-
-def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter to noise of a sensible scale: no zero heads or biases that would hide a dropped tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                p.copy_(1 + 0.2 * noise if "norm" in name and name.endswith("weight") else 0.2 * noise)
-            elif p.ndim == 3:  # class token, position embedding
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-    return model
 
 
 def tiny(seed: int = 0, **overrides) -> ViT:

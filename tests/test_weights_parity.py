@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from vitkit.model import ViT, ViTConfig, create_model
+from randomised import randomise_
 from vitkit.weights import export_npz, infer_config, load_weights, read_weights, to_vitkit
 
 timm = pytest.importorskip("timm")
@@ -19,22 +20,6 @@ from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
 TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224", "B/32": "vit_base_patch32_224"}
 TINY = dict(img_size=32, num_classes=5, width=32, depth=2, heads=4, mlp_dim=64)
-
-
-def randomise_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """Every parameter to noise of a sensible scale: no zero heads or biases that would hide a dropped tensor."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            if p.ndim == 1:
-                is_scale = ("norm" in name or "layernorm" in name) and name.endswith("weight")
-                p.copy_(1 + 0.2 * noise if is_scale else 0.2 * noise)
-            elif p.ndim == 3:  # class token, position embedding
-                p.copy_(0.5 * noise)
-            else:
-                p.copy_(noise * p[0].numel() ** -0.5)
-    return model
 
 
 def images(n: int, size: tuple[int, int], seed: int = 1) -> torch.Tensor:

@@ -140,3 +140,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TrainConfig:
+        """The inverse of to_dict (as read back from a run's config.yaml); unknown keys are errors."""
+        groups = {"model": ModelOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
+        unknown = sorted(set(d) - set(groups))
+        if unknown:
+            raise ValueError(f"unknown config sections {unknown}; expected {sorted(groups)}")
+        built = {}
+        for key, kind in groups.items():
+            values = dict(d.get(key) or {})
+            bad = sorted(set(values) - set(kind.__dataclass_fields__))
+            if bad:
+                raise ValueError(f"unknown {key} option(s) {bad}")
+            if isinstance(values.get("betas"), list):
+                values["betas"] = tuple(values["betas"])
+            built[key] = kind(**values)
+        return cls(**built)

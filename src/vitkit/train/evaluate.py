@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vitkit.data import collate_skip_none
 from vitkit.train.metrics import confusion_matrix, topk_correct
 
 
@@ -34,14 +35,6 @@ def autocast(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def collate_drop_none(batch):
-    """Default collation, after dropping items a dataset skipped (unreadable images)."""
-    batch = [item for item in batch if item is not None]
-    if not batch:
-        return None
-    return torch.utils.data.default_collate(batch)
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -56,7 +49,7 @@ def evaluate(
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_drop_none, generator=torch.Generator())  # keeps the global RNG still
+                        collate_fn=collate_skip_none, generator=torch.Generator())  # keeps the global RNG still
     loss_sum, correct1, correct5, count = 0.0, 0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     for batch in loader:

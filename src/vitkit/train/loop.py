@@ -20,14 +20,14 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from vitkit.atomic import atomic_write_text
+from vitkit.data import batch_mixer, collate_skip_none, eval_transform, load_dataset, train_transform
 from vitkit.data.batch_augment import BatchAugment
-from vitkit.data import batch_mixer, eval_transform, load_dataset, train_transform
 from vitkit.model import create_model
 from vitkit.train import distributed
 from vitkit.train.distributed import local_device
 from vitkit.train.checkpoint import Position, last_checkpoint, load_training_state, save_checkpoint, set_rng_state
 from vitkit.train.config import TrainConfig
-from vitkit.train.evaluate import EvalResult, autocast, collate_drop_none, evaluate
+from vitkit.train.evaluate import EvalResult, autocast, evaluate
 from vitkit.train.metrics import MetricsLog, plot_confusion, plot_curves, read_metrics, topk_correct
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from vitkit.train.sampling import EpochBatches, SeededAugment, Transformed, derive_seed
@@ -79,6 +79,18 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--data.num_workers must be >= 0, got {cfg.data.num_workers}")
 
 
+def resumed_config(run_dir: Path, cfg: TrainConfig) -> TrainConfig:
+    """The run's own config.yaml: a run continues as it was configured; only these may change on resume."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+    except (yaml.YAMLError, ValueError, TypeError) as err:
+        raise TrainingError(f"cannot resume: {path} is not a valid vitkit run config ({err})") from err
+    saved.run.resume, saved.run.progress = True, cfg.run.progress
+    saved.run.max_steps, saved.run.device = cfg.run.max_steps, cfg.run.device
+    return saved
+
+
 def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
     """Create the run directory, or on resume read back the run's own config."""
     run_dir = Path(cfg.run.out)
@@ -87,11 +99,7 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
         if not config_path.exists():
             raise TrainingError(f"--run.resume: {run_dir} holds no run (no config.yaml); "
                                 "check --run.out or start without --run.resume")
-        saved = TrainConfig_from_dict(yaml.safe_load(config_path.read_text()))
-        # The run continues as it was configured; only these may change on resume.
-        saved.run.resume, saved.run.progress = True, cfg.run.progress
-        saved.run.max_steps, saved.run.device = cfg.run.max_steps, cfg.run.device
-        return run_dir, saved
+        return run_dir, resumed_config(run_dir, cfg)
     if config_path.exists() and not cfg.run.overwrite:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --run.resume, replace it with "
                             "--run.overwrite, or choose another --run.out")
@@ -105,20 +113,6 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
     atomic_write_text(config_path, "# vitkit train --config " + str(config_path) + "\n"
                       + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir, cfg
-
-
-def TrainConfig_from_dict(d: dict) -> TrainConfig:  # noqa: N802 - reads like the class it builds
-    from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions
-
-    def build(kind, values):
-        values = dict(values or {})
-        for key in ("betas",):
-            if key in values and isinstance(values[key], list):
-                values[key] = tuple(values[key])
-        return kind(**values)
-
-    return TrainConfig(build(ModelOptions, d.get("model")), build(DataOptions, d.get("data")),
-                       build(OptimOptions, d.get("optim")), build(RunOptions, d.get("run")))
 
 
 def seed_everything(seed: int) -> None:
@@ -159,10 +153,7 @@ def _prepare_everywhere(cfg: TrainConfig, ctx: distributed.Distributed) -> tuple
     if not ctx.is_main:
         run_dir = Path(cfg.run.out)
         if cfg.run.resume:
-            saved = TrainConfig_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-            saved.run.resume, saved.run.progress = True, cfg.run.progress
-            saved.run.max_steps, saved.run.device = cfg.run.max_steps, cfg.run.device
-            cfg = saved
+            cfg = resumed_config(run_dir, cfg)
     return run_dir, cfg
 
 
@@ -381,7 +372,7 @@ def _epoch_batches(train_set: SeededAugment, fast_augment: BatchAugment | None, 
     # Its own generator: creating a loader draws a seed, and that must not move the global RNG
     # (which dropout uses), or a resumed run would drift from the uninterrupted one.
     loader = DataLoader(train_set, batch_sampler=[batch[share] for batch in sampler], num_workers=num_workers,
-                        collate_fn=collate_drop_none, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+                        collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
     yield from loader
 
 
