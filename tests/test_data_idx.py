@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitkit.data import DataFileError, DatasetNotFoundError, load_dataset
-from vitkit.data import fashion_mnist
+from vitkit.data import DataFileError, DatasetNotFoundError, fashion_mnist, load_dataset
 from vitkit.data.idx import read_idx
 
 TYPE_CODES = {np.uint8: 0x08, np.int8: 0x09, np.int16: 0x0B, np.int32: 0x0C, np.float32: 0x0D, np.float64: 0x0E}

@@ -9,12 +9,10 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from vitkit.data import DATASETS, DataSplits, load_dataset, stratified_split
-from vitkit.data import digits, mnist_subset
+from vitkit.data import DATASETS, DataSplits, digits, load_dataset, mnist_subset, stratified_split
 from vitkit.data.registry import with_channels
 from vitkit.data.splits import class_quotas, resolve_count, three_way_split
 from vitkit.data.stats import channel_stats
-
 
 # --- stratified splits ----------------------------------------------------------------------------
 

@@ -18,7 +18,14 @@ import vitkit
 from randomised import randomise_
 from vitkit.model import ViT, create_model
 from vitkit.weights import (
-    CONFIG_KEY, WeightsError, detect_format, export_npz, infer_config, load_model, load_weights, read_weights,
+    CONFIG_KEY,
+    WeightsError,
+    detect_format,
+    export_npz,
+    infer_config,
+    load_model,
+    load_weights,
+    read_weights,
     save_weights,
 )
 

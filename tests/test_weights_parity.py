@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from vitkit.model import ViT, ViTConfig, create_model
 from randomised import randomise_
+from vitkit.model import ViT, ViTConfig, create_model
 from vitkit.weights import export_npz, infer_config, load_weights, read_weights, to_vitkit
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
-from timm.models.vision_transformer import VisionTransformer  # noqa: E402
+from timm.models.vision_transformer import VisionTransformer
 
 TIMM_NAMES = {"Ti/16": "vit_tiny_patch16_224", "S/16": "vit_small_patch16_224", "B/32": "vit_base_patch32_224"}
 TINY = dict(img_size=32, num_classes=5, width=32, depth=2, heads=4, mlp_dim=64)

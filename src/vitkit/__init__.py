@@ -2,7 +2,14 @@
 
 from vitkit.model import ViT, ViTConfig, count_parameters, create_model, decode_variant, resample_pos_embed
 from vitkit.weights import (
-    LoadReport, WeightsError, detect_format, export_npz, infer_config, load_model, load_weights, read_weights,
+    LoadReport,
+    WeightsError,
+    detect_format,
+    export_npz,
+    infer_config,
+    load_model,
+    load_weights,
+    read_weights,
     save_weights,
 )
 

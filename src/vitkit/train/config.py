@@ -124,6 +124,8 @@ class RunOptions:
     keep_checkpoints: int = 2
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
+    log_every: int = 50
+    """Write the training loss, accuracy, learning rate and speed every this many steps (averaged over them)."""
     tensorboard: bool = True
     progress: bool = True
     """Show a progress bar."""

@@ -24,9 +24,9 @@ from vitkit.data import batch_mixer, collate_skip_none, eval_transform, load_dat
 from vitkit.data.batch_augment import BatchAugment
 from vitkit.model import create_model
 from vitkit.train import distributed
-from vitkit.train.distributed import local_device
 from vitkit.train.checkpoint import Position, last_checkpoint, load_training_state, save_checkpoint, set_rng_state
 from vitkit.train.config import TrainConfig
+from vitkit.train.distributed import local_device
 from vitkit.train.evaluate import EvalResult, autocast, evaluate
 from vitkit.train.metrics import MetricsLog, plot_confusion, plot_curves, read_metrics, topk_correct
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
@@ -73,6 +73,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--optim.clip_grad must be positive or null, got {o.clip_grad}")
     if cfg.run.checkpoint_every < 1:
         raise ValueError(f"--run.checkpoint_every must be at least 1, got {cfg.run.checkpoint_every}")
+    if cfg.run.log_every < 1:
+        raise ValueError(f"--run.log_every must be at least 1, got {cfg.run.log_every}")
     if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
         raise ValueError(f"--run.max_steps must be at least 1, got {cfg.run.max_steps}")
     if cfg.data.num_workers < 0:
@@ -299,7 +301,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
             window["seen"] += seen
             window["steps"] += 1
             progress.update(1)
-            if main and (window["steps"] == 50 or position.step == stop_at):
+            if main and (position.step % r.log_every == 0 or position.step == stop_at):
                 elapsed = time.perf_counter() - window_start
                 record = {"train/loss": window["loss"] / window["steps"],
                           "train/top1": window["correct"] / window["seen"],
