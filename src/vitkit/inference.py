@@ -46,14 +46,17 @@ class PredictOptions:
 
 def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
     """A model rebuilt from a vitkit .safetensors file, and the preprocessing it was trained with."""
-    from vitkit.weights import load_model, read_weights
+    from safetensors import safe_open
+
+    from vitkit.weights import load_model
 
     if not weights:
         raise ValueError("--weights is required: a .safetensors file written by `vitkit train`")
     if not Path(weights).exists():
         raise FileNotFoundError(f"weights file {weights} does not exist")
-    model = load_model(weights).to(device).eval()
-    _, metadata = read_weights(weights)
+    model = load_model(weights).to(device).eval()  # validates the whole file first
+    with safe_open(weights, framework="pt") as f:  # the header only: the tensors are not read again
+        metadata = f.metadata() or {}
     preprocess = json.loads(metadata.get("vitkit_preprocess", "{}"))
     return model, preprocess
 
