@@ -51,27 +51,6 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
             yield [(int(self.order[p]), derive_seed(self.seed, self.epoch, p)) for p in positions]
 
 
-class SeededAugment(Dataset):
-    """Wraps a dataset of (uint8 image, label); item (index, seed) is augmented under that seed."""
-
-    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, item: tuple[int, int]):
-        index, seed = item
-        sample = self.base[index]
-        if sample is None:  # an unreadable image skipped by the dataset
-            return None
-        image, label = sample
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), label
-
-
 class Transformed(Dataset):
     """Wraps a dataset of (uint8 image, label) with a deterministic (evaluation) transform."""
 
@@ -84,7 +63,17 @@ class Transformed(Dataset):
 
     def __getitem__(self, index: int):
         sample = self.base[index]
-        if sample is None:
+        if sample is None:  # an unreadable image the dataset skipped
             return None
         image, label = sample
         return self.transform(image), label
+
+
+class SeededAugment(Transformed):
+    """Like Transformed, but item (index, seed) is augmented under that seed, leaving the global RNG as it was."""
+
+    def __getitem__(self, item: tuple[int, int]):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return super().__getitem__(index)
