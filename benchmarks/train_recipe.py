@@ -12,53 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch
+from provenance import machine, revision
 
 # Published baselines in Fashion-MNIST's README (the dataset package's benchmark table).
 BASELINES = {"2-conv CNN + BatchNorm (README)": 93.4, "ResNet-like CNN (README)": 94.9}
 GOALS = {"default": (92.5, 30 * 60), "quick": (88.0, 5 * 60)}
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        flags = Path("/proc/cpuinfo").read_text()
-        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    except OSError:
-        isa = []
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
-            "platform": platform.platform()}
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def tree_is_dirty() -> bool:
-    """True when the work tree differs from the commit (the run then used uncommitted code or recipes)."""
-    try:
-        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                                   text=True, check=True).stdout.strip())
-    except (OSError, subprocess.CalledProcessError):
-        return False
 
 
 def main() -> int:
@@ -78,7 +42,7 @@ def main() -> int:
     from vitkit.cli import main as vitkit_main
 
     started = datetime.now(timezone.utc)
-    commit = git_commit() + ("+uncommitted changes" if tree_is_dirty() else "")  # taken before the run starts
+    commit = revision()  # taken before the run starts
     t0 = time.perf_counter()
     code = vitkit_main(train_args)
     seconds = time.perf_counter() - t0

@@ -1,13 +1,26 @@
-"""Fine-tuning building blocks: the new head, resolution and channel changes, the few-shot probe."""
+"""Fine-tuning: the new head, resolution and channel changes, and `vitkit finetune` runs and their errors."""
 
 from __future__ import annotations
 
-import numpy as np
+import copy
+import json
+import re
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from vitkit.finetune import adapt_for_finetune, adapt_input_channels, few_shot_indices, fit_linear_probe
+from vitkit.cli import _expand_aliases, build_parser, main
+from vitkit.data import eval_transform
+from vitkit.finetune import adapt_for_finetune, adapt_input_channels, finetune_sweep, model_for_finetune
 from vitkit.model import create_model
+from vitkit.train.config import (DataOptions, InitOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig,
+                                 finetune_defaults)
+from vitkit.train.evaluate import evaluate
+from vitkit.train.loop import train
+from vitkit.train.sampling import Transformed
+from vitkit.weights import WeightsError, load_model
 
 timm_pos_embed = pytest.importorskip("timm.layers.pos_embed")
 
@@ -77,28 +90,166 @@ def test_unsupported_changes_are_clear_errors():
         adapt_input_channels(source.patch_embed.proj.weight, 4)
 
 
-def test_linear_probe_matches_numpy_least_squares():
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(40, 6))
-    labels = rng.integers(0, 4, size=40)
-    l2 = 0.7
-    w, b = fit_linear_probe(torch.from_numpy(x), torch.from_numpy(labels), num_classes=4, l2=l2)
-    # The same ridge problem as plain least squares: [X 1; sqrt(l2) I 0] W = [Y; 0].
-    y = -np.ones((40, 4))
-    y[np.arange(40), labels] = 1
-    a = np.vstack([np.hstack([x, np.ones((40, 1))]), np.hstack([np.sqrt(l2) * np.eye(6), np.zeros((6, 1))])])
-    target = np.vstack([y, np.zeros((6, 4))])
-    expected, *_ = np.linalg.lstsq(a, target, rcond=None)
-    np.testing.assert_allclose(w.numpy(), expected[:6], rtol=1e-9, atol=1e-10)
-    np.testing.assert_allclose(b.numpy(), expected[6], rtol=1e-9, atol=1e-10)
+# --- `vitkit finetune`: the training loop started from pretrained weights ---------------------------------------
+
+@pytest.fixture(scope="module")
+def pretrained_file(tmp_path_factory):
+    """Weights pretrained for a few seconds on the synthetic set (10 classes, 3 x 16 x 16 images)."""
+    out = tmp_path_factory.mktemp("pretrain") / "run"
+    cfg = TrainConfig(model=ModelOptions(name="Ti/4", width=32, depth=2, heads=2, mlp_dim=64),
+                      data=DataOptions(dataset="synthetic", flip=False),
+                      optim=OptimOptions(batch_size=32, epochs=3, lr=3e-3, warmup=0.1),
+                      run=RunOptions(out=str(out), progress=False, tensorboard=False))
+    train(cfg)
+    return out / "model.safetensors"
 
 
-def test_few_shot_draws_k_per_class_and_rejects_too_many():
-    labels = torch.tensor([0] * 5 + [1] * 3 + [2] * 8)
-    picked = few_shot_indices(labels, shots=3, seed=1)
-    assert torch.equal(torch.bincount(labels[picked]), torch.tensor([3, 3, 3]))
-    assert torch.equal(picked, few_shot_indices(labels, shots=3, seed=1))
-    with pytest.raises(ValueError, match=r"--shots 4 .* smallest class \(3\)"):
-        few_shot_indices(labels, shots=4, seed=0)
-    with pytest.raises(ValueError, match="at least 2 classes"):
-        few_shot_indices(torch.zeros(5, dtype=torch.long), shots=1, seed=0)
+def finetune_config(weights, out, **optim) -> TrainConfig:
+    cfg = finetune_defaults()
+    cfg.init.weights = str(weights)
+    cfg.data.dataset = "synthetic"
+    cfg.optim.batch_size, cfg.optim.epochs = 32, 2
+    for key, value in optim.items():
+        setattr(cfg.optim, key, value)
+    cfg.run = RunOptions(out=str(out), progress=False, tensorboard=False, checkpoint_every=7)
+    return cfg
+
+
+def test_weights_without_a_config_give_the_same_finetune_model(pretrained_file, tmp_path):
+    source = load_model(pretrained_file)
+    model = model_for_finetune(InitOptions(weights=str(pretrained_file)), finetune_defaults().model, num_classes=4,
+                               img_size=(16, 16), in_chans=3)
+    assert model.head.weight.shape == (4, 32)
+    assert torch.count_nonzero(model.head.weight) == 0 and torch.count_nonzero(model.head.bias) == 0
+    plain = tmp_path / "timm_layout.safetensors"  # what timm's save gives: the tensors, no vitkit config
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, plain)
+    with pytest.raises(WeightsError, match=r"number of attention heads for width 32.*--model\.heads"):
+        model_for_finetune(InitOptions(weights=str(plain)), finetune_defaults().model, 4, (16, 16), 3)
+    options = finetune_defaults().model
+    options.heads = 2  # shapes do not tell the heads of a non-standard width
+    again = model_for_finetune(InitOptions(weights=str(plain)), options, num_classes=4, img_size=(16, 16), in_chans=3)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, again.state_dict()[key]), key
+        if not key.startswith("head."):
+            assert torch.equal(value, source.state_dict()[key]), key
+
+
+def test_finetune_run_on_synthetic_starts_at_a_zero_head_and_improves_accuracy(pretrained_file, tmp_path,
+                                                                                 monkeypatch):
+    import vitkit.train.loop as loop
+
+    built = {}
+    real_build = loop.build_model
+
+    def recording_build(cfg, data, image_size):
+        model = real_build(cfg, data, image_size)
+        built["model"], built["data"] = copy.deepcopy(model), data
+        return model
+
+    monkeypatch.setattr(loop, "build_model", recording_build)
+    result = train(finetune_config(pretrained_file, tmp_path / "ft", epochs=3, lr=0.03))
+    start, data = built["model"], built["data"]
+    assert torch.count_nonzero(start.head.weight) == 0 and torch.count_nonzero(start.head.bias) == 0
+    # A zero head gives every class the same score, so the first class wins everywhere: its share of the test set.
+    test_set = Transformed(data.test, eval_transform(data.mean, data.std, data.image_size))
+    before = evaluate(start, test_set, data.num_classes, torch.device("cpu"))
+    assert before.top1 == pytest.approx(float((data.test.labels == 0).double().mean()))
+    assert result.test.top1 > before.top1 + 0.3, (before.top1, result.test.top1)
+
+
+def test_frozen_backbone_trains_only_the_head(pretrained_file, tmp_path):
+    cfg = finetune_config(pretrained_file, tmp_path / "probe", epochs=1)
+    cfg.init.freeze = True
+    train(cfg)
+    tuned, source = load_file(tmp_path / "probe" / "model.safetensors"), load_file(pretrained_file)
+    for key, value in tuned.items():
+        if key.startswith("head."):
+            assert torch.count_nonzero(value) > 0, key
+        else:
+            assert torch.equal(value, source[key]), key
+
+
+def test_higher_resolution_finetune_stores_the_new_grid(pretrained_file, tmp_path):
+    cfg = finetune_config(pretrained_file, tmp_path / "hi", epochs=0.5)
+    cfg.data.image_size = 24
+    train(cfg)
+    model = load_model(tmp_path / "hi" / "model.safetensors")
+    assert model.cfg.img_size == (24, 24) and model.pos_embed.shape == (1, 1 + 6 * 6, 32)
+    start = model_for_finetune(cfg.init, cfg.model, 10, (24, 24), 3)
+    expected = timm_pos_embed.resample_abs_pos_embed(load_model(pretrained_file).pos_embed.detach(), [6, 6], [4, 4],
+                                                     num_prefix_tokens=1, interpolation="bicubic", antialias=True)
+    torch.testing.assert_close(start.pos_embed.detach(), expected, rtol=0, atol=1e-5)
+
+
+def test_finetune_resumes_bit_exactly(pretrained_file, tmp_path):
+    train(finetune_config(pretrained_file, tmp_path / "whole"))
+    part = finetune_config(pretrained_file, tmp_path / "part")
+    part.run.max_steps = 9
+    train(part)
+    part.run.max_steps, part.run.resume = None, True
+    train(part)
+    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sweep_keeps_the_learning_rate_with_the_best_validation_accuracy(pretrained_file, tmp_path):
+    best, runs = finetune_sweep(finetune_config(pretrained_file, tmp_path / "sweep", epochs=1), [1e-4, 0.03])
+    summary = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    vals = {r["lr"]: r["val_top1"] for r in summary["runs"]}
+    assert vals == {r.lr: r.val_top1 for r in runs}
+    assert summary["chosen_lr"] == best.lr == max(vals, key=vals.get)
+    chosen = tmp_path / "sweep" / f"lr-{best.lr:g}" / "model.safetensors"
+    assert (tmp_path / "sweep" / "model.safetensors").read_bytes() == chosen.read_bytes()
+
+
+def test_finetune_short_options_and_paper_defaults():
+    parser = build_parser()
+    argv = _expand_aliases(["finetune", "--weights", "w.safetensors", "--data", "digits", "--resolution=28",
+                            "--freeze"])
+    cfg = parser.instantiate(parser.parse_args(argv)).finetune
+    assert (cfg.init.weights, cfg.data.dataset, cfg.data.image_size, cfg.init.freeze) == (
+        "w.safetensors", "digits", 28, True)
+    assert (cfg.optim.optimizer, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.clip_grad) == ("sgd", 0.9, 0.0, 1.0)
+    assert cfg.optim.schedule == "cosine" and 0 < cfg.optim.warmup < 1
+    assert cfg.model.name is None and cfg.model.width is None  # the architecture is the weights'
+
+
+def _one_class_folder(root: Path) -> Path:
+    from PIL import Image
+
+    (root / "only").mkdir(parents=True)
+    for i in range(12):
+        Image.new("L", (16, 16), i * 20).save(root / "only" / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--model.name", "Ti/8"], r"ask for patch_size 8 \(the weights have 4\)"),
+    (["--model.width", "64"], r"width 64 \(the weights have 32\)"),
+    (["--resolution", "30"], r"30x30 is not divisible by the pretrained patch size 4"),
+    (["--data.dataset", "image-folder"], r"has 1 class; classification needs at least 2"),
+    (["--weights", "nowhere.safetensors"], r"nowhere\.safetensors does not exist"),
+])
+def test_finetune_bad_input_is_a_clear_error_and_writes_nothing(pretrained_file, tmp_path, capsys, options, message):
+    folder = _one_class_folder(tmp_path / "folder")
+    out = tmp_path / "run"
+    code = main(["finetune", "--weights", str(pretrained_file), "--data", "synthetic", "--data.data_dir", str(folder),
+                 "--run.out", str(out), *options])
+    assert code == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not out.exists()
+
+
+def test_bad_finetune_options_leave_the_run_they_would_overwrite_intact(pretrained_file, tmp_path, capsys):
+    cfg = finetune_config(pretrained_file, tmp_path / "run", epochs=0.2)
+    train(cfg)
+    before = {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()}
+    code = main(["finetune", "--weights", str(pretrained_file), "--data", "synthetic", "--resolution", "30",
+                 "--run.out", str(tmp_path / "run"), "--run.overwrite", "true"])
+    assert code == 2 and "not divisible" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in (tmp_path / "run").rglob("*") if p.is_file()} == before
+
+
+def test_finetune_needs_weights(capsys, tmp_path):
+    assert main(["finetune", "--data", "synthetic", "--run.out", str(tmp_path / "r")]) == 2
+    assert "needs --weights" in capsys.readouterr().err

@@ -145,7 +145,7 @@ def test_every_recipe_parses(recipe):
 def test_default_recipe_file_equals_the_defaults():
     ns = build_parser().parse_args(["train", "--config", str(presets_dir() / "fashion_mnist.yaml")])
     init = build_parser().instantiate(ns).train
-    assert TrainConfig(init.model, init.data, init.optim, init.run) == TrainConfig()
+    assert TrainConfig(model=init.model, init=init.init, data=init.data, optim=init.optim, run=init.run) == TrainConfig()
 
 
 def test_presets_include_quick():
@@ -234,3 +234,21 @@ def test_corrupt_image_stops_with_its_name_or_is_skipped_and_listed(tmp_path, ca
     assert result.test is not None
     listed = (tmp_path / "skip" / "skipped_images.txt").read_text().splitlines()
     assert sorted(Path(line.split("\t")[0]).name for line in listed) == ["broken1.png", "broken2.png"]
+
+
+def test_training_on_every_image_without_a_validation_split(tmp_path):
+    cfg = tiny_config(tmp_path / "run", epochs=1)
+    cfg.data.val_size = 0
+    result = train(cfg)
+    assert result.val is None and result.test is not None
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert "val" not in results and results["test"]["count"] == 200
+    assert not (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_training_from_scratch_needs_a_model_name(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.model.name = None
+    with pytest.raises(ValueError, match="--model.name is needed to train from scratch"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()

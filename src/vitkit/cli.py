@@ -13,7 +13,15 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
+from vitkit.train.config import (DataOptions, InitOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig,
+                                 finetune_defaults)
+
+# Short spellings of the options every user types, rewritten before parsing (later options still win).
+ALIASES = {
+    "train": {"--data": "--data.dataset", "--weights": "--init.weights"},
+    "finetune": {"--data": "--data.dataset", "--weights": "--init.weights", "--resolution": "--data.image_size",
+                 "--freeze": "--init.freeze=true"},
+}
 
 
 def train_command(cfg: TrainConfig) -> int:
@@ -22,6 +30,27 @@ def train_command(cfg: TrainConfig) -> int:
 
     result = train(cfg)
     return 0 if result.steps > 0 else 1
+
+
+def finetune_command(cfg: TrainConfig, sweep: list[float] | None = None) -> int:
+    """Fine-tune pretrained weights on a dataset with a new zero-initialised head (the paper's recipe:
+    SGD momentum 0.9, no weight decay, clipping at 1, warm-up then cosine)."""
+    if not cfg.init.weights:
+        raise ValueError("vitkit finetune needs --weights PRETRAINED (a vitkit, timm, HF or official .npz file)")
+    if sweep:
+        from vitkit.finetune import finetune_sweep
+
+        finetune_sweep(cfg, sweep)
+        return 0
+    return train_command(cfg)
+
+
+def fewshot_command(opts) -> int:
+    """Few-shot linear evaluation of frozen representations: ridge regression on K images per class."""
+    from vitkit.fewshot import few_shot_eval
+
+    few_shot_eval(opts)
+    return 0
 
 
 def eval_command(opts) -> int:
@@ -71,7 +100,36 @@ def _expand_presets(argv: list[str]) -> list[str]:
     return out
 
 
+def _expand_aliases(argv: list[str]) -> list[str]:
+    """`vitkit finetune --data mnist-subset` -> `--data.dataset mnist-subset`, and the other ALIASES."""
+    if not argv or argv[0] not in ALIASES:
+        return argv
+    aliases = ALIASES[argv[0]]
+    out = [argv[0]]
+    for arg in argv[1:]:
+        name, eq, value = arg.partition("=")
+        target = aliases.get(name)
+        if target is None:
+            out.append(arg)
+        elif "=" in target:  # a flag: `--freeze` alone means true, `--freeze=false` still works
+            out.append(target.split("=")[0] + "=" + value if eq else target)
+        else:
+            out.append(target + eq + value)
+    return out
+
+
+def _add_training_groups(parser: ArgumentParser) -> None:
+    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it.")
+    parser.add_argument("--preset", type=str, help="A packaged recipe by name, e.g. 'quick' (same as --config).")
+    parser.add_class_arguments(ModelOptions, "model")
+    parser.add_class_arguments(InitOptions, "init")
+    parser.add_class_arguments(DataOptions, "data")
+    parser.add_class_arguments(OptimOptions, "optim")
+    parser.add_class_arguments(RunOptions, "run")
+
+
 def build_parser() -> ArgumentParser:
+    from vitkit.fewshot import FewShotOptions
     from vitkit.inference import EvalOptions, PredictOptions
 
     # The dataclass fields' docstrings are the options' help texts.
@@ -85,14 +143,25 @@ def build_parser() -> ArgumentParser:
     )
     commands = parser.add_subcommands(dest="command", required=True)
 
-    train = ArgumentParser(description=train_command.__doc__ + f" Presets (--preset): {', '.join(available_presets())}.")
-    train.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it.")
-    train.add_argument("--preset", type=str, help="A packaged recipe by name, e.g. 'quick' (same as --config).")
-    train.add_class_arguments(ModelOptions, "model")
-    train.add_class_arguments(DataOptions, "data")
-    train.add_class_arguments(OptimOptions, "optim")
-    train.add_class_arguments(RunOptions, "run")
+    train = ArgumentParser(description=train_command.__doc__ + f" Presets (--preset): {', '.join(available_presets())}. "
+                           "--data NAME is short for --data.dataset NAME.")
+    _add_training_groups(train)
     commands.add_subcommand("train", train, help=train_command.__doc__)
+
+    finetune = ArgumentParser(description=finetune_command.__doc__ + " Short forms: --weights W (--init.weights), "
+                              "--data NAME (--data.dataset), --resolution R (--data.image_size), --freeze "
+                              "(--init.freeze). The model's architecture is the weights'.")
+    _add_training_groups(finetune)
+    finetune.add_argument("--sweep", type=float | list[float] | None, default=None,
+                          help="Fine-tune once per learning rate, e.g. [0.001,0.003,0.01,0.03] (the paper's), "
+                          "each in <run.out>/lr-<lr>, and keep the best by validation top-1.")
+    finetune.set_defaults(_flatten(finetune_defaults().to_dict()))
+    commands.add_subcommand("finetune", finetune, help=finetune_command.__doc__)
+
+    fewshot = ArgumentParser(description=fewshot_command.__doc__)
+    fewshot.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
+    fewshot.add_class_arguments(FewShotOptions, None)
+    commands.add_subcommand("fewshot", fewshot, help=fewshot_command.__doc__)
 
     evaluate = ArgumentParser(description=eval_command.__doc__)
     evaluate.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
@@ -114,7 +183,7 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = _expand_presets(argv)
+        argv = _expand_presets(_expand_aliases(argv))
     except ValueError as err:
         return _error(str(err))
     parser = build_parser()
@@ -122,11 +191,18 @@ def main(argv: list[str] | None = None) -> int:
     command = ns.command
     sub = ns[command]
     try:
-        if command == "train":
+        if command in ("train", "finetune"):
             init = parser.instantiate(ns)[command]
-            cfg = TrainConfig(model=init.model, data=init.data, optim=init.optim, run=init.run)
+            cfg = TrainConfig(model=init.model, init=init.init, data=init.data, optim=init.optim, run=init.run)
+            if command == "finetune":
+                sweep = sub.sweep if sub.sweep is None or isinstance(sub.sweep, list) else [sub.sweep]
+                return finetune_command(cfg, sweep)
             return train_command(cfg)
+        from vitkit.fewshot import FewShotOptions
         from vitkit.inference import EvalOptions, PredictOptions
+
+        if command == "fewshot":
+            return fewshot_command(_dataclass_from(FewShotOptions, sub))
 
         if command == "eval":
             return eval_command(_dataclass_from(EvalOptions, sub))
@@ -141,6 +217,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError, FileNotFoundError, PermissionError, OSError) as err:
         return _error(str(err))
     return _error(f"unknown command {command!r}")
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 0.01}} -> {"optim.lr": 0.01}: parser defaults by option name."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _dataclass_from(kind, namespace):

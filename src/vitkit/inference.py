@@ -61,7 +61,8 @@ def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
     return model, preprocess
 
 
-def _normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std the weights were trained with."""
     # Weights imported from elsewhere carry no statistics: the [-1, 1] scaling of the official models.
     mean = tuple(preprocess.get("mean", [0.5] * in_chans))
     std = tuple(preprocess.get("std", [0.5] * in_chans))
@@ -79,7 +80,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
     if cfg.num_classes != data.num_classes:
         raise ValueError(f"the weights classify {cfg.num_classes} classes but {opts.data} has {data.num_classes}; "
                          "fine-tune them on this dataset first")
-    mean, std = _normalisation(preprocess, cfg.in_chans)
+    mean, std = normalisation(preprocess, cfg.in_chans)
     split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
     result = evaluate(model, split, data.num_classes, device, opts.precision, opts.batch_size)
     print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
@@ -110,7 +111,7 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
     cfg = model.cfg
     if cfg.num_classes == 0:
         raise ValueError(f"{opts.weights} has no classification head (num_classes=0): nothing to predict")
-    mean, std = _normalisation(preprocess, cfg.in_chans)
+    mean, std = normalisation(preprocess, cfg.in_chans)
     names = preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)]
     transform = eval_transform(mean, std, cfg.img_size)
     mode = "L" if cfg.in_chans == 1 else "RGB"

@@ -13,8 +13,9 @@ from typing import Literal
 class ModelOptions:
     """Which ViT to build. The dataset sets image size, channels and classes."""
 
-    name: str = "Ti/4"
-    """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16'; the fields below override its dimensions."""
+    name: str | None = "Ti/4"
+    """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16'; the fields below override its dimensions.
+    When fine-tuning (--init.weights) the architecture is the weights': leave these unset (null)."""
     width: int | None = 128
     """Token width D (None: the variant's)."""
     depth: int | None = 4
@@ -23,7 +24,7 @@ class ModelOptions:
     """Attention heads (None: the variant's)."""
     mlp_dim: int | None = 256
     """Hidden width of each block's MLP (None: the variant's)."""
-    pool: Literal["cls", "gap"] = "cls"
+    pool: Literal["cls", "gap"] | None = "cls"
     """Classify the class token ('cls') or the mean patch token ('gap')."""
     representation_size: int | None = None
     """Width of a tanh pre-logits layer (None: none)."""
@@ -36,6 +37,33 @@ class ModelOptions:
         d = asdict(self)
         d.pop("name")
         return {k: v for k, v in d.items() if v is not None or k == "representation_size"}
+
+    def architecture(self) -> dict:
+        """The architecture fields that were given (not None), for checking them against pretrained weights."""
+        given = {}
+        if self.name is not None:
+            from vitkit.model.variants import decode_variant
+
+            dims = decode_variant(self.name)
+            given = {k: dims[k] for k in ("patch_size", "width", "depth", "heads", "mlp_dim")}
+        for key in ("width", "depth", "heads", "mlp_dim", "pool"):
+            if getattr(self, key) is not None:
+                given[key] = getattr(self, key)
+        return given
+
+
+@dataclass
+class InitOptions:
+    """Where the weights start: a random initialisation, or pretrained weights to fine-tune."""
+
+    weights: str | None = None
+    """Pretrained weights to fine-tune: a vitkit, timm or HF .safetensors/.bin/.pth file or an official .npz
+    (null: a random initialisation). The model keeps the weights' architecture and patch size and gets a new,
+    zero-initialised head for the dataset's classes."""
+    freeze: bool = False
+    """Train only the new head on the frozen pretrained backbone (a linear probe)."""
+    keep_pre_logits: bool = False
+    """Keep the pretrained tanh pre-logits layer (the paper drops it when fine-tuning)."""
 
 
 @dataclass
@@ -51,7 +79,8 @@ class DataOptions:
     val_size: float | None = None
     """Validation split taken from train: a count or a fraction (None: the dataset's default)."""
     image_size: int | None = None
-    """Train at this size (None: the dataset's native size)."""
+    """Train at this size (None: the dataset's native size). When fine-tuning, the resolution: the patch
+    size is kept and the position embedding is resampled once, at load (`vitkit finetune --resolution`)."""
     crop: Literal["pad", "inception", "none"] = "none"
     """Random crop: 'pad' (pad then crop back), 'inception' (random resized crop), or none."""
     pad: int = 2
@@ -136,6 +165,7 @@ class RunOptions:
 @dataclass
 class TrainConfig:
     model: ModelOptions = field(default_factory=ModelOptions)
+    init: InitOptions = field(default_factory=InitOptions)
     data: DataOptions = field(default_factory=DataOptions)
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
@@ -146,7 +176,8 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
         """The inverse of to_dict (as read back from a run's config.yaml); unknown keys are errors."""
-        groups = {"model": ModelOptions, "data": DataOptions, "optim": OptimOptions, "run": RunOptions}
+        groups = {"model": ModelOptions, "init": InitOptions, "data": DataOptions, "optim": OptimOptions,
+                  "run": RunOptions}
         unknown = sorted(set(d) - set(groups))
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; expected {sorted(groups)}")
@@ -160,3 +191,19 @@ class TrainConfig:
                 values["betas"] = tuple(values["betas"])
             built[key] = kind(**values)
         return cls(**built)
+
+
+def finetune_defaults() -> TrainConfig:
+    """The defaults of `vitkit finetune`: the paper's fine-tuning recipe.
+
+    SGD with momentum 0.9, no weight decay, the gradient norm clipped at 1, a short linear warm-up and
+    cosine decay. No flip: fine-tuning sets (digits, text, ...) are not always mirror-symmetric.
+    The architecture comes from the pretrained weights, so the model fields are unset.
+    """
+    return TrainConfig(
+        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None),
+        data=DataOptions(dataset="mnist-subset", flip=False),
+        optim=OptimOptions(optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, batch_size=64, epochs=10.0,
+                           warmup=0.05, schedule="cosine", clip_grad=1.0),
+        run=RunOptions(out="runs/finetune"),
+    )

@@ -93,18 +93,27 @@ def resumed_config(run_dir: Path, cfg: TrainConfig) -> TrainConfig:
     return saved
 
 
-def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
-    """Create the run directory, or on resume read back the run's own config."""
+def check_run_dir(cfg: TrainConfig) -> TrainConfig:
+    """Check that `cfg` can start or resume a run in its directory, writing nothing; on resume, the run's config."""
     run_dir = Path(cfg.run.out)
     config_path = run_dir / "config.yaml"
     if cfg.run.resume:
         if not config_path.exists():
             raise TrainingError(f"--run.resume: {run_dir} holds no run (no config.yaml); "
                                 "check --run.out or start without --run.resume")
-        return run_dir, resumed_config(run_dir, cfg)
+        return resumed_config(run_dir, cfg)
     if config_path.exists() and not cfg.run.overwrite:
         raise TrainingError(f"{run_dir} already holds a run; continue it with --run.resume, replace it with "
                             "--run.overwrite, or choose another --run.out")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise TrainingError(f"--run.out {run_dir} is a file, not a directory: choose another --run.out")
+    return cfg
+
+
+def write_run_dir(cfg: TrainConfig) -> Path:
+    """Create a new run's directory (clearing the results of a run it replaces) and write its config."""
+    run_dir = Path(cfg.run.out)
+    config_path = run_dir / "config.yaml"
     if config_path.exists() and cfg.run.overwrite:
         for name in ("checkpoints", "tensorboard", "plots"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -114,7 +123,15 @@ def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, "# vitkit train --config " + str(config_path) + "\n"
                       + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run_dir, cfg
+    return run_dir
+
+
+def prepare_run_dir(cfg: TrainConfig) -> tuple[Path, TrainConfig]:
+    """Create the run directory, or on resume read back the run's own config."""
+    cfg = check_run_dir(cfg)
+    if not cfg.run.resume:
+        write_run_dir(cfg)
+    return Path(cfg.run.out), cfg
 
 
 def seed_everything(seed: int) -> None:
@@ -140,30 +157,52 @@ def train(cfg: TrainConfig) -> TrainResult:
         distributed.teardown(ctx)
 
 
-def _prepare_everywhere(cfg: TrainConfig, ctx: distributed.Distributed) -> tuple[Path, TrainConfig]:
-    """Rank 0 prepares the run directory; the others wait and then read the same config."""
-    error = None
+def _on_main_first(ctx: distributed.Distributed, action):
+    """Run `action` on rank 0 only; if it fails there, every rank raises (rank 0 its own error)."""
+    error, result = None, None
     if ctx.is_main:
         try:
-            run_dir, cfg = prepare_run_dir(cfg)
+            result = action()
         except (TrainingError, ValueError, OSError) as err:
             error = err
     if ctx.broadcast_flag(error is not None):
         if error is not None:
             raise error
         raise TrainingError("rank 0 could not prepare the run directory; see its message")
-    if not ctx.is_main:
-        run_dir = Path(cfg.run.out)
-        if cfg.run.resume:
-            cfg = resumed_config(run_dir, cfg)
-    return run_dir, cfg
+    return result
+
+
+def build_model(cfg: TrainConfig, data, image_size: tuple[int, int]):
+    """A new model for `data`: the pretrained weights adapted for fine-tuning, or a random initialisation."""
+    if data.num_classes < 2:
+        raise ValueError(f"dataset {data.name} has {data.num_classes} class; classification needs at least 2 "
+                         "(an image folder needs one sub-folder per class)")
+    if cfg.init.weights:
+        from vitkit.finetune import model_for_finetune
+
+        return model_for_finetune(cfg.init, cfg.model, data.num_classes, image_size, data.in_chans)
+    if cfg.init.freeze:
+        raise ValueError("--init.freeze needs pretrained weights (--init.weights): a random backbone is not "
+                         "worth freezing")
+    if cfg.model.name is None:
+        raise ValueError("--model.name is needed to train from scratch (e.g. 'Ti/4'); it may be left unset only "
+                         "when fine-tuning from --init.weights")
+    return create_model(cfg.model.name, img_size=image_size, in_chans=data.in_chans,
+                        num_classes=data.num_classes, **cfg.model.overrides())
 
 
 def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed) -> TrainResult:
     if cfg.optim.batch_size % (ctx.world_size * cfg.optim.accumulate):
         raise ValueError(f"--optim.batch_size {cfg.optim.batch_size} must divide evenly over {ctx.world_size} "
                          f"process(es) x {cfg.optim.accumulate} accumulation step(s)")
-    run_dir, cfg = _prepare_everywhere(cfg, ctx)
+    # Nothing is written until the data and the model are known to be good: a bad option or file must not
+    # leave a half-made run directory behind (or clear the run that --run.overwrite would replace).
+    checked = _on_main_first(ctx, lambda: check_run_dir(cfg))
+    if ctx.is_main:
+        cfg = checked
+    elif cfg.run.resume:
+        cfg = resumed_config(Path(cfg.run.out), cfg)
+    run_dir = Path(cfg.run.out)
     seed_everything(cfg.run.seed)
     d, o, r = cfg.data, cfg.optim, cfg.run
     main = ctx.is_main
@@ -172,8 +211,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
                         on_bad_image=d.on_bad_image, image_size=d.image_size,
                         **({"val_size": _count_or_fraction(d.val_size)} if d.val_size is not None else {}))
     image_size = (d.image_size, d.image_size) if d.image_size else tuple(data.image_size)
-    model = create_model(cfg.model.name, img_size=image_size, in_chans=data.in_chans,
-                         num_classes=data.num_classes, **cfg.model.overrides()).to(device)
+    model = build_model(cfg, data, image_size).to(device)
     metadata = preprocess_metadata(data)
 
     augment = train_transform(data.mean, data.std, image_size, crop=d.crop, pad=d.pad, flip=d.flip,
@@ -196,6 +234,8 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
     optimizer = build_optimizer(model, o.optimizer, o.lr, o.weight_decay, o.betas, o.momentum)
     scheduler = build_scheduler(optimizer, total_steps, warmup_steps(o.warmup, total_steps), o.schedule)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema)) if o.ema > 0 else None
+    if not r.resume:
+        _on_main_first(ctx, lambda: write_run_dir(cfg))
 
     position, best_val, skipped_steps = Position(), -1.0, 0
     if r.resume:
@@ -315,7 +355,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
                 window_start = time.perf_counter()
             epoch_done = position.batch >= steps_per_epoch
             if epoch_done or position.step == stop_at or position.step % r.checkpoint_every == 0:
-                if main and (epoch_done or position.step == stop_at):
+                if main and (epoch_done or position.step == stop_at) and len(val_set):
                     val_result = evaluate(ema.module if ema else model, val_set, data.num_classes, device,
                                           r.precision)
                     log.log({"val/loss": val_result.loss, "val/top1": val_result.top1, "val/top5": val_result.top5,

@@ -1,0 +1,48 @@
+"""Where and with what a benchmark ran: the machine, and the commit (marked when the work tree differs)."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = Path("/proc/cpuinfo").read_text()
+        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
+            "platform": platform.platform()}
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def tree_is_dirty() -> bool:
+    """True when the work tree differs from the commit (the run then used uncommitted code or recipes)."""
+    try:
+        return bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                   text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return False
+
+
+def revision() -> str:
+    """The commit, with "+uncommitted changes" when the run used code or recipes that differ from it."""
+    return git_commit() + ("+uncommitted changes" if tree_is_dirty() else "")
