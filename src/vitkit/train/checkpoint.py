@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from vitkit import crash_points
 from vitkit.atomic import atomic_path, atomic_write_text
 
 LAST = "last"
@@ -79,15 +80,20 @@ def save_checkpoint(
     name = f"step-{position.step:06d}"
     weights_path = directory / f"{name}.safetensors"
     write_weights(weights_path)
+    crash_points.reached("checkpoint.after_weights")
     state = {**training_state, "position": vars(position).copy(), "rng": rng_state()}
     with atomic_path(directory / f"{name}.state.pt") as tmp:
         torch.save(state, tmp)
+    crash_points.reached("checkpoint.before_pointer")
     atomic_write_text(directory / LAST, name + "\n")
     _prune(directory, keep, current=name)
     return weights_path
 
 
 def _prune(directory: Path, keep: int, current: str) -> None:
+    # Temporary files of writes a crash cut short: nothing else writes here now, so none is in flight.
+    for stale in directory.glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
     names = sorted({p.name.split(".")[0] for p in directory.glob("step-*.state.pt")})
     for old in names[:-keep] if keep > 0 else []:
         if old == current:

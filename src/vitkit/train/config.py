@@ -5,6 +5,9 @@ Each field's docstring becomes its `--help` text; configs/*.yaml files are dumps
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -178,19 +181,54 @@ class TrainConfig:
         """The inverse of to_dict (as read back from a run's config.yaml); unknown keys are errors."""
         groups = {"model": ModelOptions, "init": InitOptions, "data": DataOptions, "optim": OptimOptions,
                   "run": RunOptions}
-        unknown = sorted(set(d) - set(groups))
+        if not isinstance(d, dict):
+            raise ValueError(f"a config is a mapping of sections {sorted(groups)}, got {repr(d)[:80]}")
+        unknown = sorted(map(str, set(d) - set(groups)))
         if unknown:
             raise ValueError(f"unknown config sections {unknown}; expected {sorted(groups)}")
         built = {}
         for key, kind in groups.items():
-            values = dict(d.get(key) or {})
-            bad = sorted(set(values) - set(kind.__dataclass_fields__))
+            values = d.get(key) or {}
+            if not isinstance(values, dict):
+                raise ValueError(f"config section {key!r} must be a mapping of options, got {values!r}")
+            values = dict(values)
+            bad = sorted(set(map(str, values)) - set(kind.__dataclass_fields__))
             if bad:
                 raise ValueError(f"unknown {key} option(s) {bad}")
             if isinstance(values.get("betas"), list):
                 values["betas"] = tuple(values["betas"])
+            hints = typing.get_type_hints(kind)
+            for name, value in values.items():
+                if not _fits(value, hints[name]):
+                    raise ValueError(f"{key}.{name} = {value!r} does not fit its type {_describe(hints[name])}")
             built[key] = kind(**values)
         return cls(**built)
+
+
+def _fits(value, hint) -> bool:
+    """Whether a value read from YAML fits a field's type (ints are accepted where floats are)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(_fits, value, args))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    raise TypeError(f"no check for type {hint}")
+
+
+def _describe(hint) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
 
 
 def finetune_defaults() -> TrainConfig:

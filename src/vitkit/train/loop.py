@@ -19,6 +19,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from vitkit import crash_points
 from vitkit.atomic import atomic_write_text
 from vitkit.data import batch_mixer, collate_skip_none, eval_transform, load_dataset, train_transform
 from vitkit.data.batch_augment import BatchAugment
@@ -335,6 +336,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
             scheduler.step()
             position.step += 1
             position.batch += 1
+            crash_points.reached("train.after_step")
 
             window["loss"] += loss_value
             window["correct"] += correct
