@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -199,3 +200,23 @@ def test_bad_image_error_survives_pickling():
 def test_unknown_mode_is_a_usage_error(tmp_path):
     with pytest.raises(ValueError, match="mode"):
         load_image(tmp_path / "x.png", "CMYK")
+
+
+def test_huge_dimensions_in_a_tiny_file_are_refused_before_decoding(tmp_path, monkeypatch):
+    import struct
+    import zlib
+
+    monkeypatch.delenv("VITKIT_MAX_IMAGE_PIXELS", raising=False)
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    # A 100,000 x 100,000 grey PNG header (10^10 pixels, 10 GB decoded) over 20 bytes of data.
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 0, 0, 0, 0))
+    path = tmp_path / "huge.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"\x00" * 20)) + chunk(b"IEND", b""))
+    with pytest.raises(BadImageError) as caught:
+        load_image(path)
+    message = str(caught.value)
+    assert str(path) in message and "VITKIT_MAX_IMAGE_PIXELS" in message
+    assert re.search(r"10,?000,?000,?000 pixels", message), message

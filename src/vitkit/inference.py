@@ -11,7 +11,8 @@ import torch
 
 from vitkit.data import eval_transform, load_dataset, load_image
 from vitkit.model import ViT
-from vitkit.train.evaluate import EvalResult, autocast, evaluate
+from vitkit.inference_modes import InferenceModel
+from vitkit.train.evaluate import EvalResult, evaluate
 from vitkit.train.loop import resolve_device
 from vitkit.train.sampling import Transformed
 
@@ -26,7 +27,10 @@ class EvalOptions:
     """Where the dataset's files are (default: the dataset's usual places)."""
     split: Literal["test", "val", "train"] = "test"
     batch_size: int = 500
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16-autocast", "int8"] = "fp32"
+    """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
+    compile: bool = False
+    """torch.compile the model first (a slow first batch, faster ones after)."""
     device: str = "auto"
     on_bad_image: Literal["error", "skip"] = "error"
     out: str | None = None
@@ -39,7 +43,10 @@ class PredictOptions:
     """A vitkit .safetensors file (as written by `vitkit train`)."""
     topk: int = 5
     """How many classes to list per image."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "bf16-autocast", "int8"] = "fp32"
+    """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
+    compile: bool = False
+    """torch.compile the model first (a slow first batch, faster ones after)."""
     device: str = "auto"
     images: list[str] = field(default_factory=list)
 
@@ -82,7 +89,8 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
                          "fine-tune them on this dataset first")
     mean, std = normalisation(preprocess, cfg.in_chans)
     split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
-    result = evaluate(model, split, data.num_classes, device, opts.precision, opts.batch_size)
+    runner = InferenceModel(model, opts.precision, opts.compile)
+    result = evaluate(runner, split, data.num_classes, device, "fp32", opts.batch_size)
     print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
           f"loss {result.loss:.4f}  ({result.count} images)")
     if opts.out:
@@ -92,6 +100,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
         report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": opts.precision,
+                  "compile": opts.compile,
                   **result.summary(), "confusion": result.confusion.tolist(), "class_names": data.class_names}
         atomic_write_text(out / f"eval_{opts.split}.json", json.dumps(report, indent=2) + "\n")
         plot_confusion(result.confusion, data.class_names, out / f"confusion_{opts.split}.png",
@@ -115,11 +124,11 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
     names = preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)]
     transform = eval_transform(mean, std, cfg.img_size)
     mode = "L" if cfg.in_chans == 1 else "RGB"
+    runner = InferenceModel(model, opts.precision, opts.compile)
     results = []
     for path in opts.images:
         image = transform(load_image(path, mode=mode)).unsqueeze(0).to(device)  # (1, C, H, W)
-        with autocast(device, opts.precision):
-            probs = model(image).float().softmax(-1)[0]
+        probs = runner(image).softmax(-1)[0]
         top = probs.topk(min(opts.topk, cfg.num_classes))
         ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices.tolist())]
         results.append(ranked)

@@ -1,0 +1,346 @@
+"""CPU speed of vitkit against timm, HF transformers and vit-pytorch, measured side by side in one process.
+
+    .venv/bin/python benchmarks/speed.py               # everything (about 25 minutes on 2 cores)
+    .venv/bin/python benchmarks/speed.py --quick       # Ti/16 only, fewer repetitions (a smoke run)
+
+What it measures:
+- the machine's ceiling: a large fp32 and bf16 matmul, GFLOP/s;
+- inference images/s of Ti/16, S/16 and B/16 at 224x224, batch 1 and 16: vitkit in each mode
+  (vitkit.inference_modes) against timm (eager fp32, eager with bf16 weights), HF transformers
+  (ViTForImageClassification, SDPA attention) and vit-pytorch. vitkit loads timm's and HF's weights
+  through its converters and its logits are compared with theirs. vit-pytorch's ViT is not the paper's
+  (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
+- training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
+  of Ti/16 at 224: vitkit against timm, each eager fp32 and compiled with bf16 autocast;
+- the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
+  set rises above its size once the models are built (batch 16 for inference; compiled contenders'
+  inference memory is left out, as it would be mostly the compiler's).
+
+Contenders are interleaved: every repetition runs each once, in turn, so machine noise hits all alike;
+the figures are medians over repetitions. Each row also gives the ratio to timm eager fp32 and the
+fraction of the matmul ceiling reached (model FLOPs x images/s / the ceiling of the mode's precision).
+Writes a markdown table and JSON to docs/results/speed_<date>.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from provenance import machine, revision
+
+import vitkit
+from vitkit.inference_modes import InferenceModel
+
+SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536), "B/16": ("base", 768, 12, 12, 3072)}
+
+
+# --- what the hardware can do ------------------------------------------------------------------------------------
+
+def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
+    """Median GFLOP/s of an n x n matmul in `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    for _ in range(2):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - start)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def vit_flops(width: int, depth: int, mlp: int, tokens: int, patch_inputs: int, classes: int) -> float:
+    """Forward FLOPs (2 per multiply-add) of one image: matmuls and attention, the parts that cost."""
+    patches = tokens - 1
+    per_block = 2 * tokens * width * (3 * width + width + 2 * mlp) + 2 * 2 * tokens * tokens * width
+    return 2 * patches * patch_inputs * width + depth * per_block + 2 * width * classes
+
+
+# --- peak memory --------------------------------------------------------------------------------------------------
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def peak_extra_memory(run) -> float | None:
+    """Bytes the process's peak resident set rises above its current size while `run()` runs (Linux).
+
+    Meaningful in a fresh process only: once an allocator has grown, it reuses what it holds.
+    """
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current size
+    except OSError:
+        return None
+    before = _status("VmRSS")
+    run()
+    run()
+    return max(0, _status("VmHWM") - before)
+
+
+def memory_in_fresh_process(kind: str, what: str, batch: int, contender: str) -> float | None:
+    """`peak_extra_memory` of one contender, measured in a new Python process (see --memory-child)."""
+    spec = json.dumps({"kind": kind, "what": what, "batch": batch, "contender": contender})
+    done = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"memory of {contender} could not be measured: {done.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+    value = json.loads(done.stdout.strip().splitlines()[-1])
+    return value
+
+
+def _memory_child(spec: str) -> int:
+    job = json.loads(spec)
+    if job["kind"] == "inference":
+        contenders, _ = inference_contenders(job["what"], "compile" in job["contender"])
+        x = torch.randn(job["batch"], 3, 224, 224)
+        run = contenders[job["contender"]]
+
+        def call():
+            with torch.inference_mode():
+                run(x)
+    else:
+        contenders, *_ = training_contenders(job["what"], job["batch"], "compile" in job["contender"])
+        call = contenders[job["contender"]]
+    print(json.dumps(peak_extra_memory(call)))
+    return 0
+
+
+# --- contenders ---------------------------------------------------------------------------------------------------
+
+def inference_contenders(size: str, with_compile: bool) -> tuple[dict, dict]:
+    """{name: callable(images) -> logits} and {name: max |logit difference| against the vitkit twin}."""
+    import timm
+    import transformers
+    from vit_pytorch import ViT as VitPytorch
+
+    tag, width, depth, heads, mlp = SIZES[size]
+    torch.manual_seed(0)
+    timm_model = timm.create_model(f"vit_{tag}_patch16_224", pretrained=False, num_classes=1000).eval()
+    model = vitkit.create_model(size, num_classes=1000).eval()
+    vitkit.load_weights(model, timm_model.state_dict())  # the same weights, through vitkit's converter
+
+    hf_config = transformers.ViTConfig(hidden_size=width, num_hidden_layers=depth, num_attention_heads=heads,
+                                       intermediate_size=mlp, image_size=224, patch_size=16, num_labels=1000,
+                                       layer_norm_eps=1e-6, attn_implementation="sdpa")
+    hf_model = transformers.ViTForImageClassification(hf_config).eval()
+    hf_twin = vitkit.create_model(size, num_classes=1000).eval()
+    vitkit.load_weights(hf_twin, hf_model.state_dict())
+    vp_model = VitPytorch(image_size=224, patch_size=16, num_classes=1000, dim=width, depth=depth, heads=heads,
+                          mlp_dim=mlp, dim_head=width // heads).eval()
+    timm_bf16 = copy.deepcopy(timm_model).to(torch.bfloat16)
+
+    contenders = {
+        "timm fp32": lambda x: timm_model(x),
+        "timm bf16 weights": lambda x: timm_bf16(x.bfloat16()).float(),
+        "HF transformers fp32 (sdpa)": lambda x: hf_model(pixel_values=x).logits,
+        "vit-pytorch fp32": lambda x: vp_model(x),
+    }
+    modes = [("fp32", False), ("bf16", False), ("bf16-autocast", False), ("int8", False)]
+    if with_compile:
+        modes += [("fp32", True), ("bf16", True)]
+    for precision, compiled in modes:
+        runner = InferenceModel(model, precision, compile=compiled)
+        contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
+
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        reference = model(x)
+        differences = {"timm fp32": float((timm_model(x) - reference).abs().max()),
+                       "HF transformers fp32 (sdpa)": float((hf_model(pixel_values=x).logits - hf_twin(x)).abs().max())}
+        for name, run in contenders.items():
+            if name.startswith("vitkit") or name == "timm bf16 weights":
+                differences[name] = float((run(x) - reference).abs().max())
+    return contenders, differences
+
+
+def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
+    """{name: step()} training steps of vitkit and timm with the same configuration, the data, and FLOPs/image."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    if shape == "fashion-mnist default":
+        dims = dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, width=128, depth=4, heads=4, mlp_dim=256)
+    else:
+        dims = dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, width=192, depth=12, heads=3,
+                    mlp_dim=768)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(batch, dims["in_chans"], dims["img_size"], dims["img_size"], generator=g)
+    labels = torch.randint(0, dims["num_classes"], (batch,), generator=g)
+    tokens = (dims["img_size"] // dims["patch_size"]) ** 2 + 1
+    flops = 3 * vit_flops(dims["width"], dims["depth"], dims["mlp_dim"], tokens,
+                          dims["in_chans"] * dims["patch_size"] ** 2, dims["num_classes"])  # fwd + 2x bwd
+
+    def vitkit_model():
+        torch.manual_seed(0)
+        return vitkit.create_model(f"Ti/{dims['patch_size']}", **{k: v for k, v in dims.items() if k != "patch_size"})
+
+    def timm_model():
+        torch.manual_seed(0)
+        return VisionTransformer(img_size=dims["img_size"], patch_size=dims["patch_size"], in_chans=dims["in_chans"],
+                                 num_classes=dims["num_classes"], embed_dim=dims["width"], depth=dims["depth"],
+                                 num_heads=dims["heads"], mlp_ratio=dims["mlp_dim"] / dims["width"])
+
+    def stepper(model, compiled: bool, bf16: bool):
+        model.train()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+        forward = torch.compile(model) if compiled else model
+
+        def step():
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = forward(images)
+            F.cross_entropy(logits.float(), labels).backward()
+            optimizer.step()
+        return step
+
+    contenders = {"timm fp32": stepper(timm_model(), False, False),
+                  "vitkit fp32": stepper(vitkit_model(), False, False)}
+    if with_compile:
+        contenders["timm compile + bf16 autocast"] = stepper(timm_model(), True, True)
+        contenders["vitkit compile + bf16 autocast"] = stepper(vitkit_model(), True, True)
+        contenders["vitkit compile fp32"] = stepper(vitkit_model(), True, False)
+    return contenders, images, labels, flops
+
+
+# --- measurement --------------------------------------------------------------------------------------------------
+
+def interleaved(contenders: dict, call, reps: int, min_seconds: float) -> dict[str, dict]:
+    """Median seconds per call of each contender, measured in turn, `reps` rounds; plus its peak extra memory."""
+    iterations = {}
+    for name, run in contenders.items():  # warm-up (compiles) and the number of calls one measurement takes
+        call(run)
+        start = time.perf_counter()
+        call(run)
+        iterations[name] = max(1, round(min_seconds / max(time.perf_counter() - start, 1e-6)))
+    times = {name: [] for name in contenders}
+    for _ in range(reps):
+        for name, run in contenders.items():
+            start = time.perf_counter()
+            for _ in range(iterations[name]):
+                call(run)
+            times[name].append((time.perf_counter() - start) / iterations[name])
+    return {name: {"seconds": statistics.median(t), "all_seconds": t} for name, t in times.items()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="Ti/16 and the Fashion-MNIST shape only, 3 repetitions")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
+    parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--memory-child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_child:
+        return _memory_child(args.memory_child)
+    reps = 3 if args.quick else args.reps
+    sizes = ["Ti/16"] if args.quick else list(SIZES)
+    started = datetime.now(timezone.utc)
+    record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
+              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+              "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+              "repetitions": reps, "inference": [], "training": []}
+    ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+    record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
+    print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
+
+    for size in sizes:
+        _, width, depth, _, mlp = SIZES[size]
+        flops = vit_flops(width, depth, mlp, 197, 3 * 16 * 16, 1000)
+        contenders, differences = inference_contenders(size, not args.no_compile)
+        for batch in (1, 16):
+            x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+
+            def call(run, x=x):
+                with torch.inference_mode():
+                    run(x)
+            measured = interleaved(contenders, call, reps, min_seconds=1.0)
+            if batch == 16:  # memory of the compiled contenders would be mostly the compiler's
+                for name in measured:
+                    measured[name]["peak_extra_bytes"] = (
+                        None if "compile" in name else memory_in_fresh_process("inference", size, batch, name))
+            rows = _rows(measured, batch, flops, ceiling, differences)
+            record["inference"].append({"model": size, "batch": batch, "gflops_per_image": round(flops / 1e9, 3),
+                                        "rows": rows})
+            _print_table(f"inference {size} @224, batch {batch}", rows)
+
+    shapes = [("fashion-mnist default", 64)] + ([] if args.quick else [("Ti/16 @224", 32)])
+    for shape, batch in shapes:
+        contenders, images, labels, flops = training_contenders(shape, batch, not args.no_compile)
+        measured = interleaved(contenders, lambda step: step(), reps, min_seconds=2.0)
+        for name in measured:
+            measured[name]["peak_extra_bytes"] = memory_in_fresh_process("training", shape, batch, name)
+        rows = _rows(measured, batch, flops, ceiling, {})
+        record["training"].append({"shape": shape, "batch": batch, "gflops_per_image": round(flops / 1e9, 4),
+                                   "rows": rows})
+        _print_table(f"training {shape}, batch {batch}", rows)
+    _write(record, Path(args.out), started)
+    return 0
+
+
+def _rows(measured: dict, batch: int, flops: float, ceiling: dict, differences: dict) -> list[dict]:
+    base = batch / measured["timm fp32"]["seconds"]
+    rows = []
+    for name, m in measured.items():
+        images_per_s = batch / m["seconds"]
+        precision = "bf16" if "bf16" in name else "fp32"
+        memory = m.get("peak_extra_bytes")
+        rows.append({"contender": name, "images_per_s": round(images_per_s, 2),
+                     "vs_timm_fp32": round(images_per_s / base, 2),
+                     "ceiling_fraction": round(flops * images_per_s / (ceiling[precision] * 1e9), 3),
+                     "ceiling": precision, "peak_extra_mb": None if memory is None else round(memory / 2**20, 1),
+                     "max_logit_difference": differences.get(name)})
+    return rows
+
+
+def _table(title: str, rows: list[dict]) -> list[str]:
+    lines = [f"### {title}", "", "| contender | images/s | vs timm fp32 | of matmul ceiling | peak extra MB "
+             "| max logit diff |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        diff = "-" if r["max_logit_difference"] is None else f"{r['max_logit_difference']:.2e}"
+        lines.append(f"| {r['contender']} | {r['images_per_s']:.1f} | {r['vs_timm_fp32']:.2f}x | "
+                     f"{100 * r['ceiling_fraction']:.0f}% ({r['ceiling']}) | {r['peak_extra_mb']} | {diff} |")
+    return lines + [""]
+
+
+def _print_table(title: str, rows: list[dict]) -> None:
+    print("\n".join(_table(title, rows)), flush=True)
+
+
+def _write(record: dict, out: Path, started: datetime) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"speed_{started.strftime('%Y-%m-%d_%H%M')}"
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    m = record["machine"]
+    lines = ["# CPU speed: vitkit vs timm, HF transformers and vit-pytorch", "",
+             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
+             f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
+             f"with {m['torch_threads']} threads",
+             f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
+             f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s",
+             f"- medians of {record['repetitions']} interleaved repetitions; 'peak extra MB' is how far the process's "
+             "peak resident set rose above its size while the contender ran (in a fresh process); logit differences are against "
+             "vitkit fp32 with the same weights (HF: against vitkit loaded from HF's weights)", ""]
+    for entry in record["inference"]:
+        lines += _table(f"Inference {entry['model']} @224, batch {entry['batch']} "
+                        f"({entry['gflops_per_image']} GFLOP/image)", entry["rows"])
+    for entry in record["training"]:
+        lines += _table(f"Training step, {entry['shape']}, batch {entry['batch']} "
+                        f"({entry['gflops_per_image']} GFLOP/image fwd+bwd)", entry["rows"])
+    (out / f"{stem}.md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
