@@ -154,6 +154,32 @@ def test_fused_attention_kernel_used_unless_weights_are_requested(monkeypatch):
     assert len(calls) == 0
 
 
+def test_bf16_on_cpu_takes_the_explicit_attention_path_with_the_same_result(monkeypatch):
+    # bf16 on a CPU avoids the fused kernel (slow there); the explicit path must compute the same function.
+    torch.manual_seed(0)
+    model = tiny_model(drop_path=0.0).train()
+    torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would pass no gradient back to compare
+    x = torch.randn(4, 3, 32, 32)
+    model(x).square().sum().backward()
+    fp32_logits = model(x).detach()
+    fp32_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real_sdpa(*a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(x)
+    assert calls == []
+    logits.float().square().sum().backward()
+    torch.testing.assert_close(logits.float(), fp32_logits, atol=0.05, rtol=0.05)
+    for p, g32 in zip(model.parameters(), fp32_grads):
+        cos = F.cosine_similarity(p.grad.flatten(), g32.flatten(), dim=0)
+        assert cos > 0.99, cos
+    bf16_model = tiny_model(drop_path=0.0).to(torch.bfloat16).eval()
+    bf16_model(x.bfloat16())
+    assert calls == []
+
+
 def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing():
     model = tiny_model(drop_path=0.0).train()
     x = torch.randn(2, 3, 32, 32)

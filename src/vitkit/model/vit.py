@@ -151,11 +151,14 @@ class Attention(nn.Module):
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         q, k, v = qkv.unbind(0)  # each (B, h, T, hd)
         dropout_p = self.attn_dropout if self.training else 0.0
-        if need_weights:
-            # Spelled out only when the caller wants the weights, so the normal path keeps the fused kernel.
+        # The fused kernel, except when the caller wants the weights, or for bf16 on a CPU: there PyTorch's
+        # flash-attention kernel is far slower than three plain matmuls (its backward about 5x at 50 tokens,
+        # measured with torch 2.14), which made bf16 training slower than fp32.
+        if need_weights or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
+            attn = attn if need_weights else None
         else:
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, hd)

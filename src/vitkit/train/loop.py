@@ -31,6 +31,7 @@ from vitkit.train.distributed import local_device
 from vitkit.train.evaluate import EvalResult, autocast, evaluate
 from vitkit.train.metrics import MetricsLog, plot_confusion, plot_curves, read_metrics, topk_correct
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
+from vitkit.train.hardware import resolve_compile, resolve_precision
 from vitkit.train.sampling import EpochBatches, SeededAugment, Transformed, derive_seed
 from vitkit.weights import load_weights, save_weights
 
@@ -207,6 +208,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
     seed_everything(cfg.run.seed)
     d, o, r = cfg.data, cfg.optim, cfg.run
     main = ctx.is_main
+    precision = resolve_precision(r.precision, device)
 
     data = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=r.seed,
                         on_bad_image=d.on_bad_image, image_size=d.image_size,
@@ -264,7 +266,11 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
 
     # DDP broadcasts rank 0's parameters at construction and averages gradients in backward.
     network = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
-    forward = torch.compile(network) if r.compile else network
+    compiled = resolve_compile(r.compile, device, total_steps)
+    forward = torch.compile(network) if compiled else network
+    if main and (r.precision == "auto" or r.compile == "auto"):
+        print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
+              f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {total_steps} steps)")
     log = MetricsLog(run_dir, tensorboard=r.tensorboard) if main else None
 
     def write_checkpoint():
@@ -305,7 +311,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
                 # Gradients are averaged across processes once, on the last micro-batch.
                 sync = contextlib.nullcontext() if (i == len(chunks) - 1 or not ctx.enabled) else network.no_sync()
                 with sync:
-                    with autocast(device, r.precision):
+                    with autocast(device, precision):
                         logits = forward(x)
                     loss = F.cross_entropy(logits.float(), t, label_smoothing=o.label_smoothing)
                     (loss * len(x) / len(images)).backward()
@@ -359,7 +365,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
             if epoch_done or position.step == stop_at or position.step % r.checkpoint_every == 0:
                 if main and (epoch_done or position.step == stop_at) and len(val_set):
                     val_result = evaluate(ema.module if ema else model, val_set, data.num_classes, device,
-                                          r.precision)
+                                          precision)
                     log.log({"val/loss": val_result.loss, "val/top1": val_result.top1, "val/top5": val_result.top5,
                              "epoch": position.epoch + position.batch / steps_per_epoch}, position.step)
                     where = f"epoch {position.epoch + 1}" if epoch_done else f"step {position.step}"
@@ -387,7 +393,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
     save_weights(final_model, run_dir / "model.safetensors", metadata=metadata)
     test_result = None
     if position.step >= total_steps:
-        test_result = evaluate(final_model, test_set, data.num_classes, device, r.precision)
+        test_result = evaluate(final_model, test_set, data.num_classes, device, precision)
         log.log({"test/loss": test_result.loss, "test/top1": test_result.top1, "test/top5": test_result.top5},
                 position.step)
     elif r.max_steps:
