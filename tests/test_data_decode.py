@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from image_corpus import huge_png_bytes
 from vitkit.data import BadImageError, load_image
 from vitkit.data.decode import read_header
 
@@ -220,3 +221,20 @@ def test_huge_dimensions_in_a_tiny_file_are_refused_before_decoding(tmp_path, mo
     message = str(caught.value)
     assert str(path) in message and "VITKIT_MAX_IMAGE_PIXELS" in message
     assert re.search(r"10,?000,?000,?000 pixels", message), message
+
+
+@pytest.mark.parametrize("max_pixels,limit_text", [(None, "89,478,485"), (5_000, "5,000"), (10**9, "1,000,000,000")],
+                         ids=["pillow-default", "lowered", "raised-but-not-enough"])
+def test_huge_dimensions_get_one_reason_whoever_refuses_them(tmp_path, monkeypatch, max_pixels, limit_text):
+    # Pillow's own guard refuses at twice its limit before vitkit sees the size; the reason must not depend on it.
+    monkeypatch.delenv("VITKIT_MAX_IMAGE_PIXELS", raising=False)
+    path = tmp_path / "huge.png"
+    path.write_bytes(huge_png_bytes())
+    expected = (f"100000x100000 = 10,000,000,000 pixels is over the limit of {limit_text} pixels (a guard against "
+                "decompression bombs). If you trust this file, raise the limit with max_pixels=N or the environment "
+                "variable VITKIT_MAX_IMAGE_PIXELS=N")
+    for read in (load_image, read_header):
+        with pytest.raises(BadImageError) as caught:
+            read(path, max_pixels=max_pixels)
+        assert (caught.value.path, caught.value.reason) == (str(path), expected), read.__name__
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's setting is left as it was

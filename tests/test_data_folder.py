@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
+from image_corpus import BOMB_LIMIT, RAISED_LIMIT, assert_decoded, assert_reason, write_corpus
 from vitkit.data import BadImageError, DatasetNotFoundError, collate_skip_none, load_dataset
 
 
@@ -198,3 +200,83 @@ def test_error_mode_names_the_bad_file(tmp_path):
     with pytest.raises(BadImageError, match="truncated") as caught:
         lazy.train[position]
     assert str(tmp_path / "a" / "truncated.png") in str(caught.value)
+
+
+# --- the corpus of every awkward and broken kind, through the image-folder dataset ---------------------------
+
+def corpus_dataset(root: Path, **options):
+    """All of the corpus in the train split, each image resized to 2x2 RGB (a no-op for all but two)."""
+    return load_dataset("image-folder", data_dir=root, image_size=2, val_size=0, test_size=0, **options).train
+
+
+def test_corpus_in_error_mode_each_file_decodes_exactly_or_raises_naming_it(tmp_path):
+    corpus = write_corpus(tmp_path)
+    # Lazy (image size and channels given): only the first image is decoded up front, every other on access.
+    train = corpus_dataset(tmp_path, in_chans=3, max_pixels=BOMB_LIMIT, stats_images=1)
+    assert sorted(paths(train)) == sorted([*corpus.good, *corpus.bad])
+    for i, path in enumerate(paths(train)):
+        if path in corpus.bad:
+            with pytest.raises(BadImageError) as caught:
+                train[i]
+            error = caught.value
+            assert error.path == path and str(error).startswith(f"cannot read image {path}: ")
+            assert_reason(error.reason, corpus.bad[path], path)
+        else:
+            assert_decoded(train[i][0], corpus.good[path], corpus.tolerance[path], path)
+
+    # Header scan (channels not given): the first file in path order whose header is unusable stops the load.
+    with pytest.raises(BadImageError) as caught:
+        corpus_dataset(tmp_path, max_pixels=BOMB_LIMIT)
+    assert caught.value.path == str(tmp_path / "a" / "empty.png")
+    assert caught.value.reason == "the file is empty (0 bytes)"
+
+
+@pytest.mark.parametrize("in_chans", [3, None], ids=["lazy", "header-scan"])
+def test_corpus_in_skip_mode_decodes_the_good_and_lists_exactly_the_bad(tmp_path, in_chans):
+    corpus = write_corpus(tmp_path)
+    train = corpus_dataset(tmp_path, in_chans=in_chans, max_pixels=BOMB_LIMIT, on_bad_image="skip")
+    assert train.mode == "RGB"
+    for i, path in enumerate(paths(train)):
+        item = train[i]
+        if path in corpus.bad:
+            assert item is None, path
+        else:
+            assert_decoded(item[0], corpus.good[path], corpus.tolerance[path], path)
+    assert sorted(train.skipped) == sorted(corpus.bad)
+    for path, reason in train.skipped.items():
+        assert_reason(reason, corpus.bad[path], path)
+    images, labels = collate_skip_none([train[i] for i in range(len(train))])
+    assert images.shape == (len(corpus.good), 3, 2, 2)
+    assert labels.tolist() == [label for path, label in train.samples if path in corpus.good]
+
+
+def test_raising_the_pixel_limit_lets_the_large_image_through(tmp_path):
+    corpus = write_corpus(tmp_path)
+    train = corpus_dataset(tmp_path, in_chans=3, max_pixels=RAISED_LIMIT, on_bad_image="skip")
+    position = paths(train).index(corpus.bomb)
+    assert_decoded(train[position][0], corpus.bomb_expected, 0, corpus.bomb)
+    for i in range(len(train)):
+        train[i]
+    assert sorted(train.skipped) == sorted(set(corpus.bad) - {corpus.bomb})  # the huge one stays refused
+
+
+@pytest.mark.parametrize("context,workers", [("fork", 2), ("spawn", 1)])
+def test_images_skipped_inside_loader_workers_are_listed_in_the_main_process(tmp_path, context, workers):
+    corpus = write_corpus(tmp_path)
+    # stats_images=1: the bad files are met for the first time inside the worker processes.
+    train = corpus_dataset(tmp_path, in_chans=3, max_pixels=BOMB_LIMIT, on_bad_image="skip", stats_images=1)
+    assert train.skipped == {}
+    loader = DataLoader(train, batch_size=4, num_workers=workers, multiprocessing_context=context,
+                        collate_fn=collate_skip_none)
+    seen = sum(len(batch[1]) for batch in loader if batch is not None)
+    assert seen == len(corpus.good)
+    assert sorted(train.skipped) == sorted(corpus.bad)
+    for path, reason in train.skipped.items():
+        assert_reason(reason, corpus.bad[path], path)
+
+    # The workers' file goes when the main process's dataset does, and not before.
+    log_file = Path(train._log.path)
+    assert log_file.exists()
+    del train, loader
+    gc.collect()
+    assert not log_file.exists()

@@ -104,29 +104,36 @@ def _read_or_refuse(path, data: bytes, suffix: str) -> None:
         assert tensor.numel() * tensor.element_size() <= len(data), f"{name}: more data than the file holds"
 
 
-@pytest.mark.parametrize("strategy,suffix", [(damaged(SAFETENSORS), ".safetensors"), (crafted_safetensors(), ".safetensors"),
-                                             (damaged(NPZ), ".npz"), (crafted_npz(), ".npz")],
-                         ids=["safetensors-damaged", "safetensors-crafted", "npz-damaged", "npz-crafted"])
-def test_weight_readers_load_or_refuse_clearly(tmp_path, strategy, suffix):
-    @DEFAULT
-    @given(strategy)
-    def check(data):
-        _read_or_refuse(tmp_path, data, suffix)
+READERS = [(damaged(SAFETENSORS), ".safetensors"), (crafted_safetensors(), ".safetensors"), (damaged(NPZ), ".npz"),
+           (crafted_npz(), ".npz")]
+READER_IDS = ["safetensors-damaged", "safetensors-crafted", "npz-damaged", "npz-crafted"]
 
-    check()
+
+def run_cases(profile: settings, strategy, check) -> int:
+    """Run `check` on the examples `profile` asks for; the number of cases run."""
+    count = [0]
+
+    @profile
+    @given(strategy)
+    def run(value):
+        count[0] += 1
+        check(value)
+
+    run()
+    return count[0]
+
+
+@pytest.mark.parametrize("strategy,suffix", READERS, ids=READER_IDS)
+def test_weight_readers_load_or_refuse_clearly(tmp_path, strategy, suffix):
+    cases = run_cases(DEFAULT, strategy, lambda data: _read_or_refuse(tmp_path, data, suffix))
+    assert cases >= DEFAULT.max_examples  # a few hundred cases per reader, not a handful
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("strategy,suffix", [(damaged(SAFETENSORS), ".safetensors"), (crafted_safetensors(), ".safetensors"),
-                                             (damaged(NPZ), ".npz"), (crafted_npz(), ".npz")],
-                         ids=["safetensors-damaged", "safetensors-crafted", "npz-damaged", "npz-crafted"])
+@pytest.mark.parametrize("strategy,suffix", READERS, ids=READER_IDS)
 def test_weight_readers_load_or_refuse_clearly_many_cases(tmp_path, strategy, suffix):
-    @SLOW
-    @given(strategy)
-    def check(data):
-        _read_or_refuse(tmp_path, data, suffix)
-
-    check()
+    cases = run_cases(SLOW, strategy, lambda data: _read_or_refuse(tmp_path, data, suffix))
+    assert cases >= SLOW.max_examples
 
 
 def test_undamaged_files_read_back_exactly(tmp_path):
@@ -161,19 +168,49 @@ def _resume_from(tmp_path, text: str) -> None:
     assert cfg.to_dict().keys() == TrainConfig().to_dict().keys()  # a complete, typed config
 
 
-@DEFAULT
-@given(config_trees)
-def test_run_config_reader_accepts_valid_trees_and_refuses_the_rest(tmp_path_factory, tree):
-    _resume_from(tmp_path_factory.mktemp("cfg"), yaml.safe_dump(tree))
+CONFIG_INPUTS = {"trees": config_trees.map(yaml.safe_dump), "any-text": st.text(max_size=200),
+                 "long-text": st.text(max_size=2000)}
 
 
-@DEFAULT
-@given(st.text(max_size=200))
-def test_run_config_reader_survives_any_text(tmp_path_factory, text):
-    _resume_from(tmp_path_factory.mktemp("cfg"), text)
+@pytest.mark.parametrize("inputs", ["trees", "any-text"])
+def test_run_config_reader_accepts_valid_trees_and_refuses_the_rest(tmp_path_factory, inputs):
+    cases = run_cases(DEFAULT, CONFIG_INPUTS[inputs], lambda text: _resume_from(tmp_path_factory.mktemp("cfg"), text))
+    assert cases >= DEFAULT.max_examples
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("inputs", ["trees", "long-text"])
+def test_run_config_reader_accepts_valid_trees_and_refuses_the_rest_many_cases(tmp_path_factory, inputs):
+    cases = run_cases(SLOW, CONFIG_INPUTS[inputs], lambda text: _resume_from(tmp_path_factory.mktemp("cfg"), text))
+    assert cases >= SLOW.max_examples
+
+
+def _code_in_yaml(marker) -> str:
+    """A YAML document whose python tag would create `marker` if the loader executed it."""
+    return f'optim:\n  lr: !!python/object/apply:os.system ["touch {marker}"]\n'
 
 
 def test_run_config_is_data_never_code(tmp_path):
     marker = tmp_path / "MARKER"
-    _resume_from(tmp_path, f'optim:\n  lr: !!python/object/apply:os.system ["touch {marker}"]\n')
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(_code_in_yaml(marker))
+    with pytest.raises(TrainingError, match=r"config\.yaml is not a valid vitkit run config"):
+        resumed_config(run, TrainConfig())
     assert not marker.exists()
+    # Control: an unsafe YAML loader runs it, so the refusal above is what kept it from running.
+    yaml.unsafe_load(_code_in_yaml(marker))
+    assert marker.exists()
+
+
+def test_cli_config_file_is_data_never_code(tmp_path, capsys):
+    from vitkit.cli import main
+
+    marker = tmp_path / "MARKER"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(_code_in_yaml(marker))
+    with pytest.raises(SystemExit) as caught:
+        main(["train", "--config", str(recipe), "--run.out", str(tmp_path / "run")])
+    assert caught.value.code == 2
+    assert "could not determine a constructor for the tag" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "run").exists()

@@ -12,6 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from image_corpus import BOMB_LIMIT, Corpus, assert_reason, write_corpus
 from vitkit.cli import available_presets, build_parser, main, presets_dir
 from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
 from vitkit.train.loop import TrainingError, train
@@ -54,8 +55,13 @@ AUGMENTATIONS = {
 }
 
 
-@pytest.mark.parametrize("augmentation", list(AUGMENTATIONS))
-def test_resume_mid_epoch_is_bit_exact(tmp_path, augmentation):
+# (augmentation, checkpoint resumed from): 17 is where the first session stopped; 14 is the checkpoint
+# before it, as a crash just after step 17 (before its checkpoint's pointer moved) would leave the run.
+RESUME_CASES = [("batched", 17), ("batched", 14), ("per-sample", 17)]
+
+
+@pytest.mark.parametrize("augmentation,resume_step", RESUME_CASES, ids=[f"{a}-from-{s}" for a, s in RESUME_CASES])
+def test_resume_mid_epoch_is_bit_exact(tmp_path, capsys, augmentation, resume_step):
     def config(out: Path) -> TrainConfig:
         cfg = tiny_config(out)
         # dropout and drop path use the global RNG: the resumed run must restore it exactly.
@@ -68,23 +74,29 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, augmentation):
 
     train(config(tmp_path / "whole"))
     part = config(tmp_path / "part")
-    part.run.max_steps = 17  # mid-epoch (28 steps per epoch), between checkpoints (every 7)
+    part.run.max_steps = 17  # mid-epoch (28 steps per epoch), between the checkpoints every 7 steps
     train(part)
+    checkpoints = tmp_path / "part" / "checkpoints"
+    assert (checkpoints / "last").read_text() == "step-000017\n"
+    if resume_step != 17:
+        (checkpoints / "last").write_text(f"step-{resume_step:06d}\n")
+    capsys.readouterr()
     part.run.max_steps = None
     part.run.resume = True
     train(part)
+    resumed = f"resuming {tmp_path / 'part'} at step {resume_step} (epoch 1, batch {resume_step})"
+    assert resumed in capsys.readouterr().out
 
     a = load_file(tmp_path / "whole" / "model.safetensors")
     b = load_file(tmp_path / "part" / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # The same loss at every step both runs logged, after the resume point included.
-    whole_losses = dict(_losses(tmp_path / "whole"))
-    logged_after_resume = [(step, loss) for step, loss in _losses(tmp_path / "part") if step > 17]
-    assert logged_after_resume
-    for step, loss in logged_after_resume:
-        assert loss == whole_losses[step], step
+    # The loss of every step, in order: the first session's steps 1-17, then from the resume point on the
+    # steps the uninterrupted run logged, with the same values to the last bit (steps redone included).
+    whole = _losses(tmp_path / "whole")
+    assert [step for step, _ in whole] == list(range(1, 85))  # 3 epochs of 28 steps, each logged once
+    assert _losses(tmp_path / "part") == whole[:17] + whole[resume_step:]
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
@@ -98,30 +110,61 @@ def test_gradient_accumulation_matches_the_full_batch(tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity on the way forward; an infinite gradient on the way back (the loss stays finite)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("what", ["loss", "gradient norm"])
+def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, what):
+    from safetensors.torch import load_file as read
+
     from vitkit.model.vit import ViT
+    from vitkit.train.checkpoint import load_training_state
 
     real_forward = ViT.forward
     calls = {"n": 0}
 
     def poisoned(self, x):
-        calls["n"] += 1
         out = real_forward(self, x)
-        return out * float("nan") if calls["n"] == 10 and self.training else out
+        if not self.training:
+            return out
+        calls["n"] += 1
+        if calls["n"] != 10:
+            return out
+        return out * float("nan") if what == "loss" else _InfiniteGradient.apply(out)
 
     monkeypatch.setattr(ViT, "forward", poisoned)
-    cfg = tiny_config(tmp_path / "run")
-    with pytest.raises(TrainingError, match=r"loss became non-finite at step 10 .*step-000007\.safetensors"):
+    run = tmp_path / "run"
+    cfg = tiny_config(run)
+    with pytest.raises(TrainingError) as caught:
         train(cfg)
-    assert (tmp_path / "run" / "checkpoints" / "last").read_text().strip() == "step-000007"
+    checkpoints = run / "checkpoints"
+    assert (f"the {what} became non-finite at step 10 (epoch 1); the last good checkpoint is "
+            f"{checkpoints / 'step-000007.safetensors'}.") in str(caught.value)
+    # The checkpoint before the bad step is kept, complete and finite; nothing of the bad step was saved.
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["last", "step-000007.safetensors",
+                                                             "step-000007.state.pt"]
+    assert (checkpoints / "last").read_text() == "step-000007\n"
+    assert all(torch.isfinite(t).all() for t in read(checkpoints / "step-000007.safetensors").values())
+    assert load_training_state(checkpoints / "step-000007.state.pt")["position"] == {"step": 7, "epoch": 0,
+                                                                                     "batch": 7}
 
-    monkeypatch.setattr(ViT, "forward", real_forward)
+    # --run.on_nonfinite skip: the step is skipped and counted, and training goes on to the end.
     calls["n"] = 0
     cfg.run.overwrite = True
     cfg.run.on_nonfinite = "skip"
-    monkeypatch.setattr(ViT, "forward", poisoned)
     result = train(cfg)
-    assert result.skipped_steps == 1
+    assert result.skipped_steps == 1 and result.steps == 84
+    assert json.loads((run / "results.json").read_text())["skipped_steps"] == 1
+    assert all(torch.isfinite(t).all() for t in read(run / "model.safetensors").values())
 
 
 def test_existing_run_is_not_overwritten_by_accident(tmp_path):
@@ -200,8 +243,8 @@ def test_cli_train_eval_predict_end_to_end(tmp_path):
     assert "Traceback" not in done.stderr
 
 
-def _image_folder(root: Path, bad: list[str]) -> None:
-    """Two classes of 12 solid-colour 8x8 PNGs each, plus the named corrupt files in class 'b'."""
+def _image_folder(root: Path) -> Corpus:
+    """Two classes of 12 solid-colour 8x8 PNGs each, plus the corpus of every awkward and broken kind."""
     from PIL import Image
 
     for name, colour in (("a", (250, 20, 20)), ("b", (20, 20, 250))):
@@ -209,8 +252,7 @@ def _image_folder(root: Path, bad: list[str]) -> None:
         folder.mkdir(parents=True)
         for i in range(12):
             Image.new("RGB", (8, 8), tuple(max(0, c - 3 * i) for c in colour)).save(folder / f"{i}.png")
-    for name in bad:
-        (root / "b" / name).write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)  # a PNG cut off after its header
+    return write_corpus(root)
 
 
 def _folder_config(root: Path, out: Path, on_bad_image: str) -> TrainConfig:
@@ -221,19 +263,38 @@ def _folder_config(root: Path, out: Path, on_bad_image: str) -> TrainConfig:
     return cfg
 
 
-def test_corrupt_image_stops_with_its_name_or_is_skipped_and_listed(tmp_path, capsys):
+def test_corrupt_image_stops_with_its_name_or_is_skipped_and_listed(tmp_path, capsys, monkeypatch):
+    from vitkit.data import BadImageError, load_image
+
     root = tmp_path / "images"
-    _image_folder(root, bad=["broken1.png", "broken2.png"])
+    corpus = _image_folder(root)
+    monkeypatch.setenv("VITKIT_MAX_IMAGE_PIXELS", str(BOMB_LIMIT))  # the run's pixel limit: the bomb is over it
+
+    # Default: the first unreadable file (in path order) stops the run, named with the reason; nothing is written.
     code = main(["train", "--config", str(presets_dir() / "fashion_mnist.yaml"), "--data.dataset", "image-folder",
                  "--data.data_dir", str(root), "--data.image_size", "8", "--run.out", str(tmp_path / "stop"),
                  "--run.progress", "false"])
     err = capsys.readouterr().err
-    assert code == 2 and "broken" in err and "Traceback" not in err
+    assert code == 2 and "Traceback" not in err
+    assert f"cannot read image {root / 'a' / 'empty.png'}: the file is empty (0 bytes)" in err
+    assert not (tmp_path / "stop").exists()
 
+    # Skip: training completes on the rest, and the run directory lists exactly the bad files with their reasons.
+    expected = {}
+    for path in corpus.bad:
+        with pytest.raises(BadImageError) as caught:
+            load_image(path)
+        expected[path] = caught.value.reason
     result = train(_folder_config(root, tmp_path / "skip", "skip"))
-    assert result.test is not None
-    listed = (tmp_path / "skip" / "skipped_images.txt").read_text().splitlines()
-    assert sorted(Path(line.split("\t")[0]).name for line in listed) == ["broken1.png", "broken2.png"]
+    assert result.test is not None and result.steps > 0
+    run = tmp_path / "skip"
+    listed = (run / "skipped_images.txt").read_text().splitlines()
+    assert listed == [f"{path}\t{expected[path]}" for path in sorted(expected)]
+    for path in corpus.bad:
+        assert_reason(expected[path], corpus.bad[path], path)
+    assert json.loads((run / "results.json").read_text())["skipped_images"] == len(corpus.bad) == 7
+    out = capsys.readouterr().out
+    assert f"skipped 7 unreadable image(s); see {run / 'skipped_images.txt'}" in out
 
 
 def test_training_on_every_image_without_a_validation_split(tmp_path):

@@ -353,6 +353,52 @@ def test_garbage_safetensors_is_refused(tmp_path, garbage):
         read_weights(path)
 
 
+def crafted_safetensors(path: Path, header: dict, data: bytes) -> Path:
+    text = json.dumps(header).encode()
+    path.write_bytes(len(text).to_bytes(8, "little") + text + data)
+    return path
+
+
+# (header entry of tensor "w", what the safetensors reader says) over 16 bytes of data.
+CLAIMS = {
+    "terabytes": ({"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 2**42]}, "file not fully covered"),
+    "shape-over-offsets": ({"dtype": "F32", "shape": [2**20, 2**20], "data_offsets": [0, 16]},
+                           "invalid shape, data type, or offset"),
+    "shape-disagrees": ({"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 16]},
+                        "invalid shape, data type, or offset"),
+    "past-the-end": ({"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}, "file not fully covered"),
+    "size-overflows": ({"dtype": "F32", "shape": [2**62, 2**62], "data_offsets": [0, 16]}, "overflow"),
+}
+
+
+@pytest.mark.parametrize("claim", list(CLAIMS))
+def test_safetensors_header_claiming_what_the_file_does_not_hold_is_refused(tmp_path, claim):
+    import tracemalloc
+
+    entry, reason = CLAIMS[claim]
+    path = crafted_safetensors(tmp_path / "crafted.safetensors", {"w": entry}, bytes(16))
+    tracemalloc.start()
+    try:
+        with pytest.raises(WeightsError) as caught:
+            read_weights(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # Refused by the header check, before any tensor is read: not by a failed allocation.
+    assert str(caught.value).startswith(f"{path} is not a readable .safetensors file (Error while deserializing "
+                                        "header: ") and reason in str(caught.value)
+    assert peak < 2**20
+
+
+def test_safetensors_header_that_fits_is_read(tmp_path):
+    # The same crafting with an honest header gives a readable file: the checks are not refusing everything.
+    data = np.array([1, 2, 3, 4], dtype="<f4").tobytes()
+    path = crafted_safetensors(tmp_path / "ok.safetensors",
+                               {"w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}, data)
+    state, metadata = read_weights(path)
+    assert torch.equal(state["w"], torch.tensor([[1.0, 2.0], [3.0, 4.0]])) and metadata == {}
+
+
 def test_truncated_npz_is_refused(tmp_path):
     path = export_npz(tiny(), tmp_path / "m.npz")
     data = path.read_bytes()
@@ -366,6 +412,24 @@ def test_npz_with_object_array_is_refused(tmp_path):
     np.savez(path, w=np.zeros(3, np.float32), o=np.array([{"a": 1}, None], dtype=object))
     with pytest.raises(WeightsError, match=r"objects\.npz.*'o\.npy'.*Python objects"):
         read_weights(path)
+
+
+def test_npz_object_array_with_a_payload_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "marker.txt"
+    path = tmp_path / "evil.npz"
+    payload = np.empty(1, dtype=object)
+    payload[0] = _Payload(marker)
+    np.savez(path, w=np.zeros(3, np.float32), o=payload)
+    with pytest.raises(WeightsError, match=r"evil\.npz.*'o\.npy'.*Python objects"):
+        read_weights(path)
+    with pytest.raises(WeightsError):
+        load_weights(create_model("Ti/8", **TINY), path)
+    assert not marker.exists()
+
+    # Control: numpy with pickles allowed runs the payload, so the refusal above is what kept it from running.
+    with np.load(path, allow_pickle=True) as archive:
+        archive["o"]
+    assert marker.read_text() == "code ran"
 
 
 def lying_npz(path: Path, shape: tuple[int, ...]) -> Path:
@@ -407,12 +471,13 @@ class _Payload:
         return Path.write_text, (self.marker, "code ran")
 
 
-def test_pickle_with_a_payload_is_refused_and_never_runs(tmp_path):
+@pytest.mark.parametrize("suffix", [".pt", ".pth", ".bin"])
+def test_pickle_with_a_payload_is_refused_and_never_runs(tmp_path, suffix):
     marker = tmp_path / "marker.txt"
-    path = tmp_path / "evil.pt"
+    path = tmp_path / f"evil{suffix}"
     torch.save({"weight": torch.zeros(2), "payload": _Payload(marker)}, path)
 
-    with pytest.raises(WeightsError, match=r"evil\.pt.*refused"):
+    with pytest.raises(WeightsError, match=rf"evil\{suffix}.*refused"):
         read_weights(path)
     with pytest.raises(WeightsError):
         load_weights(create_model("Ti/8", **TINY), path)

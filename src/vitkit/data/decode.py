@@ -82,6 +82,34 @@ def _pillow_allows(limit: int | None):
                 Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
+def _stored_size(path: str) -> tuple[int, int] | None:
+    """(width, height) as the header states it, read with Pillow's own guard off (no pixel is decoded)."""
+    with _PILLOW_LIMIT_LOCK:
+        pillow_limit = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(path) as img:
+                return img.size
+        except Exception:
+            return None
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+
+
+def _pillow_bomb_reason(path: str, error: Exception, limit: int | None) -> str:
+    """The reason for a refusal by Pillow's own guard (at twice its limit), in the same words as ours.
+
+    Whether Pillow or vitkit refuses a file depends on how the limits compare; the reason should not:
+    it names the image's size and the limit in force, whichever found it.
+    """
+    size = _stored_size(path)
+    if size is not None and limit is not None and size[0] * size[1] > limit:
+        return bomb_reason(size[0], size[1], limit)
+    # Not the stored size (an animation frame larger than the first, say): Pillow's words, and the way out.
+    return (f"{error} If you trust this file, raise the limit with max_pixels=N or the environment variable "
+            f"{MAX_PIXELS_ENV}=N")
+
+
 def _check_file(path: str) -> None:
     try:
         size = os.path.getsize(path)
@@ -161,9 +189,8 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, max_pixels: int | 
             return _to_tensor(_convert(upright, mode))
     except BadImageError:
         raise
-    except Image.DecompressionBombError as error:  # an animation frame larger than the first, say
-        raise BadImageError(path, f"{error} If you trust this file, raise the limit with max_pixels=N "
-                                  f"or the environment variable {MAX_PIXELS_ENV}=N") from error
+    except Image.DecompressionBombError as error:  # Pillow's guard, on opening or on a later frame
+        raise BadImageError(path, _pillow_bomb_reason(path, error, limit)) from error
     except MemoryError as error:
         raise BadImageError(path, "decoding it ran out of memory") from error
     except Exception as error:  # Pillow reports corrupt data as OSError, SyntaxError, ValueError, struct.error, ...
@@ -184,7 +211,7 @@ def read_header(path: str | os.PathLike, *, max_pixels: int | None = None) -> tu
             width, height = img.size
             mode = img.mode
     except Image.DecompressionBombError as error:
-        raise BadImageError(path, f"{error} Raise the limit with max_pixels=N or {MAX_PIXELS_ENV}=N") from error
+        raise BadImageError(path, _pillow_bomb_reason(path, error, limit)) from error
     except Exception as error:
         raise BadImageError(path, _describe(error)) from error
     if limit is not None and width * height > limit:

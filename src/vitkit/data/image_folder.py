@@ -18,9 +18,10 @@ is stored grey, else 3. Finding these out reads every file's header (not its pix
 
 Unreadable images: with on_bad_image="error" (the default) the first one raises BadImageError
 naming it; with "skip", item i of that image is None and `dataset.skipped` maps its path to the
-reason. Use `collate_skip_none` in the DataLoader to drop such items from batches. (Images found
-bad inside DataLoader worker processes are recorded in the workers' copies of the dataset; those
-found while reading headers or computing the statistics are recorded in the main process.)
+reason. Use `collate_skip_none` in the DataLoader to drop such items from batches. Images found bad
+inside DataLoader worker processes are listed too: a worker's copy of the dataset cannot update the
+main process's, so workers append what they skip to a small temporary file that `skipped` reads
+back (the file is removed when the main process's dataset is garbage-collected).
 
 Statistics: mean and std are computed on (at most `stats_images`, default 1,000, evenly spaced)
 images of the train split, after resizing and channel conversion.
@@ -28,13 +29,16 @@ images of the train split, after resizing and channel conversion.
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 import warnings
+import weakref
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset, default_collate, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
 from vitkit.data.decode import GREY_MODES, load_image, read_header
@@ -52,11 +56,69 @@ STATS_IMAGES = 1000
 ON_BAD_IMAGE = ("error", "skip")
 
 
+def _remove_if_owner(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # a forked loader worker dropping its copy must not remove the main process's file
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class _SkipLog:
+    """A file that DataLoader worker processes append the images they skip to, one JSON line each.
+
+    Each line is written with a single O_APPEND write, so lines of concurrent workers do not mix.
+    Only the process that created the log removes the file, when its log object is collected;
+    copies in workers (forked or unpickled) never do.
+    """
+
+    def __init__(self) -> None:
+        fd, self.path = tempfile.mkstemp(prefix="vitkit-skipped-images-", suffix=".jsonl")
+        os.close(fd)
+        weakref.finalize(self, _remove_if_owner, self.path, os.getpid())
+
+    def add(self, path: str, reason: str) -> None:
+        line = (json.dumps([path, reason]) + "\n").encode("ascii")  # ensure_ascii: any path or reason fits
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError:  # the main process has already dropped the dataset
+            return
+        try:
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    def read(self) -> dict[str, str]:
+        try:
+            with open(self.path, "rb") as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return {}
+        found = {}
+        for line in lines:
+            try:
+                path, reason = json.loads(line)
+            except (ValueError, TypeError):  # a line cut short by a worker killed mid-write
+                continue
+            found[str(path)] = str(reason)
+        return found
+
+
+def _new_skip_log() -> _SkipLog | None:
+    try:
+        return _SkipLog()
+    except OSError as error:  # no writable temporary directory: skips in workers go unlisted
+        warnings.warn(f"cannot create a temporary file to collect the images that DataLoader workers skip "
+                      f"({error}); with num_workers > 0 some skipped images may be missing from the list",
+                      stacklevel=3)
+        return None
+
+
 class ImageFolderDataset(Dataset):
     """(path, label) samples decoded on access into (uint8 tensor (C, H, W), label), or None when skipped."""
 
     def __init__(self, samples: list[tuple[str, int]], mode: str, image_size: tuple[int, int],
-                 on_bad_image: str = "error", max_pixels: int | None = None):
+                 on_bad_image: str = "error", max_pixels: int | None = None, *, skip_log: _SkipLog | None = None):
         if on_bad_image not in ON_BAD_IMAGE:
             raise ValueError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
         self.samples = list(samples)
@@ -64,21 +126,44 @@ class ImageFolderDataset(Dataset):
         self.image_size = hw(image_size)
         self.on_bad_image = on_bad_image
         self.max_pixels = max_pixels
-        self.skipped: dict[str, str] = {}
+        self._skipped: dict[str, str] = {}
+        self._paths: frozenset[str] | None = None
+        self._log = None
+        if on_bad_image == "skip":
+            self._log = skip_log if skip_log is not None else _new_skip_log()
+
+    @property
+    def skipped(self) -> dict[str, str]:
+        """{path: reason} of this dataset's images found unreadable so far, here or in DataLoader workers."""
+        if self._log is not None:
+            found = self._log.read()
+            if found:
+                if self._paths is None:
+                    self._paths = frozenset(path for path, _ in self.samples)
+                for path, reason in found.items():
+                    if path in self._paths:
+                        self._skipped.setdefault(path, reason)
+        return self._skipped
+
+    @skipped.setter
+    def skipped(self, value: dict[str, str]) -> None:
+        self._skipped = dict(value)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int] | None:
         path, label = self.samples[index]
-        if path in self.skipped:
+        if path in self._skipped:
             return None
         try:
             image = load_image(path, self.mode, max_pixels=self.max_pixels)
         except BadImageError as error:
             if self.on_bad_image == "error":
                 raise
-            self.skipped[path] = error.reason
+            self._skipped[path] = error.reason
+            if self._log is not None and get_worker_info() is not None:
+                self._log.add(path, error.reason)
             return None
         if tuple(image.shape[-2:]) != self.image_size:
             image = TF.resize(image, list(self.image_size), antialias=True)
@@ -86,7 +171,7 @@ class ImageFolderDataset(Dataset):
 
     def subset(self, positions) -> ImageFolderDataset:
         part = ImageFolderDataset([self.samples[int(p)] for p in positions], self.mode, self.image_size,
-                                  self.on_bad_image, self.max_pixels)
+                                  self.on_bad_image, self.max_pixels, skip_log=self._log)
         paths = {path for path, _ in part.samples}
         part.skipped = {path: reason for path, reason in self.skipped.items() if path in paths}
         return part

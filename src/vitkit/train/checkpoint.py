@@ -12,6 +12,7 @@ any moment leaves the previous checkpoint usable. The state file is a torch zip 
 
 from __future__ import annotations
 
+import pickle
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,12 @@ def last_checkpoint(run_dir: str | Path) -> tuple[Path, Path] | None:
 def load_training_state(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False, i.e. running the file's code: not advice to pass on.
+        raise ValueError(f"cannot read training state {path}: refused, it asks for Python objects beyond tensors "
+                         "and plain data (loading it could run code), which vitkit never writes there. Delete this "
+                         "checkpoint to resume from an earlier one, or start a new run.") from err
     except Exception as err:  # a torch zip that is truncated or not ours
-        raise ValueError(f"cannot read training state {path}: {err}. Delete this checkpoint to resume "
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot read training state {path}: {detail}. Delete this checkpoint to resume "
                          "from an earlier one, or start a new run.") from err
