@@ -11,7 +11,7 @@ What it measures:
   through its converters and its logits are compared with theirs. vit-pytorch's ViT is not the paper's
   (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
-  of Ti/16 at 224: vitkit against timm, each eager fp32 and compiled with bf16 autocast;
+  of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast;
 - the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
   set rises above its size once the models are built (batch 16 for inference; left out for compiled
   contenders, whose figure would be mostly the compiler's, except in the Fashion-MNIST training shape).
@@ -207,11 +207,12 @@ def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dic
         return step
 
     contenders = {"timm fp32": stepper(timm_model(), False, False),
-                  "vitkit fp32": stepper(vitkit_model(), False, False)}
+                  "timm bf16 autocast": stepper(timm_model(), False, True),
+                  "vitkit fp32": stepper(vitkit_model(), False, False),
+                  "vitkit bf16 autocast": stepper(vitkit_model(), False, True)}
     if with_compile:
         contenders["timm compile + bf16 autocast"] = stepper(timm_model(), True, True)
         contenders["vitkit compile + bf16 autocast"] = stepper(vitkit_model(), True, True)
-        contenders["vitkit compile fp32"] = stepper(vitkit_model(), True, False)
     return contenders, images, labels, flops
 
 
@@ -238,6 +239,8 @@ def interleaved(contenders: dict, call, reps: int, min_seconds: float) -> dict[s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Ti/16 and the Fashion-MNIST shape only, 3 repetitions")
+    parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="inference model sizes (default: all)")
+    parser.add_argument("--no-ti224-training", action="store_true", help="leave out the Ti/16 @224 training shape")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     parser.add_argument("--out", default="docs/results")
@@ -246,7 +249,7 @@ def main() -> int:
     if args.memory_child:
         return _memory_child(args.memory_child)
     reps = 3 if args.quick else args.reps
-    sizes = ["Ti/16"] if args.quick else list(SIZES)
+    sizes = args.sizes or (["Ti/16"] if args.quick else list(SIZES))
     started = datetime.now(timezone.utc)
     record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
@@ -278,7 +281,8 @@ def main() -> int:
             _print_table(f"inference {size} @224, batch {batch}", rows)
             del contenders
 
-    shapes = [("fashion-mnist default", 64)] + ([] if args.quick else [("Ti/16 @224", 32)])
+    # The default recipe's batch (configs/fashion_mnist.yaml).
+    shapes = [("fashion-mnist default", 128)] + ([] if args.quick or args.no_ti224_training else [("Ti/16 @224", 32)])
     for shape, batch in shapes:
         contenders, images, labels, flops = training_contenders(shape, batch, not args.no_compile)
         measured = interleaved(contenders, lambda step: step(), reps, min_seconds=2.0)

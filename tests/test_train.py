@@ -92,11 +92,11 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, capsys, augmentation, resume_st
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    # The loss of every step, in order: the first session's steps 1-17, then from the resume point on the
-    # steps the uninterrupted run logged, with the same values to the last bit (steps redone included).
+    # The loss of every step, in order and each once, to the last bit: the records of the steps the resumed
+    # run redoes (15-17 when it resumes from 14) were replaced by the redone ones, with the same values.
     whole = _losses(tmp_path / "whole")
     assert [step for step, _ in whole] == list(range(1, 85))  # 3 epochs of 28 steps, each logged once
-    assert _losses(tmp_path / "part") == whole[:17] + whole[resume_step:]
+    assert _losses(tmp_path / "part") == whole
 
 
 def test_gradient_accumulation_matches_the_full_batch(tmp_path):
@@ -313,3 +313,15 @@ def test_training_from_scratch_needs_a_model_name(tmp_path):
     with pytest.raises(ValueError, match="--model.name is needed to train from scratch"):
         train(cfg)
     assert not (tmp_path / "run").exists()
+
+
+def test_resumed_metrics_log_drops_the_records_after_the_checkpoint(tmp_path):
+    from vitkit.train.metrics import MetricsLog, read_metrics
+
+    lines = [json.dumps({"step": s, "train/loss": 1.0 / s}) for s in range(1, 6)] + ['{"step": 6, "train/lo']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines))  # the last line was cut short by a kill
+    log = MetricsLog(tmp_path, tensorboard=False, resume_step=3)
+    log.log({"train/loss": 0.25}, 4)
+    log.close()
+    assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
+        (1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 0.25)]

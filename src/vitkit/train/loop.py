@@ -271,7 +271,9 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
     if main and (r.precision == "auto" or r.compile == "auto"):
         print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
               f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {total_steps} steps)")
-    log = MetricsLog(run_dir, tensorboard=r.tensorboard) if main else None
+    log = None
+    if main:
+        log = MetricsLog(run_dir, tensorboard=r.tensorboard, resume_step=position.step if r.resume else None)
 
     def write_checkpoint():
         state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from vitkit.atomic import atomic_write_text
+
 
 def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
     """Number of samples whose label is among the k highest logits, for each k (capped at the class count)."""
@@ -25,16 +27,24 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 class MetricsLog:
     """Appends one JSON object per line to metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
+        """`resume_step`: a resumed run continues from this step; records logged after it by the interrupted
+        run (steps it is about to redo, or a line cut short by a kill) are dropped, so no step appears twice."""
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
+        if resume_step is not None and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None
+                    and _step_of(line) <= resume_step]
+            atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:  # tensorboard is a dependency, but a broken install should not stop training
                 SummaryWriter = None
             if SummaryWriter is not None:
-                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+                # purge_step hides the interrupted run's events from the resumed step on.
+                purge = None if resume_step is None else resume_step + 1
+                self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"), purge_step=purge)
 
     def log(self, record: dict, step: int) -> None:
         record = {"step": step, **record}
@@ -51,10 +61,20 @@ class MetricsLog:
             self.writer.close()
 
 
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl line, or None for a line that is not a whole record."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    step = record.get("step") if isinstance(record, dict) else None
+    return step if isinstance(step, int) else None
+
+
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) is not None]
 
 
 def plot_curves(records: list[dict], out_path: Path) -> None:
