@@ -54,15 +54,17 @@ HIGH_RESOLUTION = 42
 
 
 def run_options(out: Path, seed: int) -> RunOptions:
+    # Pinned to what the published runs used (fp32, eager), whatever `vitkit train`'s defaults become.
     return RunOptions(out=str(out), seed=seed, progress=False, tensorboard=False, overwrite=True,
-                      checkpoint_every=100_000, keep_checkpoints=1)
+                      checkpoint_every=100_000, keep_checkpoints=1, precision="fp32", compile=False)
 
 
 def pretrain_config(out: Path, epochs: float) -> TrainConfig:
     return TrainConfig(
         model=copy.deepcopy(ARCHITECTURE),
         data=DataOptions(dataset="fashion-mnist", val_size=0, crop="none", flip=True),
-        optim=OptimOptions(optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=128, epochs=epochs),
+        optim=OptimOptions(optimizer="adamw", lr=1e-3, weight_decay=0.05, batch_size=128, epochs=epochs,
+                           label_smoothing=0.0),
         run=run_options(out, 0),
     )
 
@@ -84,7 +86,8 @@ def scratch_config(dataset: str, size: int, epochs: float, out: Path, seed: int)
     return TrainConfig(
         model=copy.deepcopy(ARCHITECTURE),
         data=target_data(dataset, size),
-        optim=OptimOptions(optimizer="adamw", weight_decay=0.05, batch_size=64, epochs=epochs, warmup=0.05),
+        optim=OptimOptions(optimizer="adamw", weight_decay=0.05, batch_size=64, epochs=epochs, warmup=0.05,
+                           label_smoothing=0.0),
         run=run_options(out, seed),
     )
 

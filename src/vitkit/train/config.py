@@ -120,7 +120,7 @@ class OptimOptions:
     """Images per optimiser step (the effective batch)."""
     accumulate: int = 1
     """Split each step into this many micro-batches (for batches that do not fit in memory)."""
-    epochs: float = 30.0
+    epochs: float = 32.0
     """Training length in epochs (fractions allowed)."""
     warmup: float = 0.03
     """Linear warm-up: a fraction of all steps if < 1, else a number of steps."""
