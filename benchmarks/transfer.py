@@ -2,6 +2,8 @@
 compare with the same model trained from scratch on the small sets with the same compute.
 
     .venv/bin/python benchmarks/transfer.py          # the whole experiment, about 40 minutes on 2 cores
+    .venv/bin/python benchmarks/transfer.py --pretrained runs/bench-default/model.safetensors \
+        --high-resolution 36 --precision auto        # start from the default recipe's model (patch 4)
 
 What it runs, in this process, through the same functions as the `vitkit` commands the report lists:
 
@@ -18,8 +20,8 @@ What it runs, in this process, through the same functions as the `vitkit` comman
    - both with the same augmentation (2-pixel translations), batch size, epochs and so steps: equal
      compute on the target (the pretraining is the thing being measured, so it is not counted);
    - seeds 1 and 2 at the chosen learning rates; every figure is the mean of 3 seeds on the test split;
-   - the same fine-tune at 42x42 pixels (6x6 patches of 7 instead of 4x4; the position embedding is
-     interpolated once at load);
+   - the same fine-tune at a higher resolution (--high-resolution; 42x42 by default, 6x6 patches of 7
+     instead of 4x4); the position embedding is interpolated once at load;
    - 10-shot linear probes (`vitkit fewshot`) of the pretrained and of a randomly initialised model.
 
 The report (markdown and JSON, with command, machine, date and commit) goes to docs/results/.
@@ -48,15 +50,28 @@ from vitkit.train.loop import train
 
 FINETUNE_LR_SWEEP = (0.01, 0.03, 0.1, 0.3)
 SCRATCH_LR_SWEEP = (0.0003, 0.001, 0.003, 0.01)
+# The architecture pretrained here; with --pretrained, the weights' own architecture is used instead.
 ARCHITECTURE = ModelOptions(name="Ti/7", width=128, depth=4, heads=4, mlp_dim=256)
 TARGETS = {"mnist-subset": 28, "digits": 28}  # the resolution each is trained at
-HIGH_RESOLUTION = 42
+HIGH_RESOLUTION = 42  # for patch 7 (a 6x6 grid instead of 4x4); --high-resolution for other patch sizes
+
+
+PRECISION = "fp32"  # set from --precision in main()
 
 
 def run_options(out: Path, seed: int) -> RunOptions:
-    # Pinned to what the published runs used (fp32, eager), whatever `vitkit train`'s defaults become.
+    # Every arm in the same precision, never compiled: the runs are short and must be comparable.
     return RunOptions(out=str(out), seed=seed, progress=False, tensorboard=False, overwrite=True,
-                      checkpoint_every=100_000, keep_checkpoints=1, precision="fp32", compile=False)
+                      checkpoint_every=100_000, keep_checkpoints=1, precision=PRECISION, compile=False)
+
+
+def architecture_of(weights: Path) -> ModelOptions:
+    """The ModelOptions that rebuild the architecture of a vitkit weights file (for the from-scratch arm)."""
+    from vitkit.weights import load_model
+
+    cfg = load_model(weights).cfg
+    return ModelOptions(name=f"Ti/{cfg.patch_size}", width=cfg.width, depth=cfg.depth, heads=cfg.heads,
+                        mlp_dim=cfg.mlp_dim, pool=cfg.pool)
 
 
 def pretrain_config(out: Path, epochs: float) -> TrainConfig:
@@ -121,7 +136,15 @@ def main() -> int:
     parser.add_argument("--epochs", type=float, default=20, help="epochs on each small target (both arms)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
+    parser.add_argument("--high-resolution", type=int, default=HIGH_RESOLUTION,
+                        help="resolution of the higher-resolution fine-tune (a multiple of the patch size)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+                        help="precision of every run (the published runs before 2026-11-24 used fp32)")
     args = parser.parse_args()
+    global ARCHITECTURE, HIGH_RESOLUTION, PRECISION
+    HIGH_RESOLUTION, PRECISION = args.high_resolution, args.precision
+    if args.pretrained:
+        ARCHITECTURE = architecture_of(Path(args.pretrained))
 
     runs = Path(args.runs)
     started = datetime.now(timezone.utc)
@@ -131,6 +154,7 @@ def main() -> int:
     record = {"benchmark": "transfer: Fashion-MNIST pretraining -> small targets", "command": command,
               "date": started.isoformat(timespec="seconds"), "commit": commit, "machine": machine(),
               "architecture": vars(ARCHITECTURE), "epochs_on_target": args.epochs, "seeds": args.seeds,
+              "precision": PRECISION, "high_resolution": HIGH_RESOLUTION,
               "targets": {}}
 
     if args.pretrained:
@@ -140,7 +164,9 @@ def main() -> int:
         if (run / "results.json").exists() and (run / "config.yaml").exists():
             results = json.loads((run / "results.json").read_text())
             config = yaml.safe_load((run / "config.yaml").read_text())
-            record["pretraining"].update({"epochs": config["optim"]["epochs"], "images": 60000,
+            val_size = config["data"].get("val_size")
+            images = 60000 - (5000 if val_size is None else int(val_size) if val_size >= 1 else int(val_size * 60000))
+            record["pretraining"].update({"epochs": config["optim"]["epochs"], "images": images,
                                           "fashion_mnist_test_top1": round(100 * results["test"]["top1"], 2),
                                           "seconds": results["train_seconds_this_session"]})
     else:
@@ -203,7 +229,9 @@ def write_report(record: dict, out: Path, started: datetime) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"transfer_{started.strftime('%Y-%m-%d_%H%M')}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    m, pre = record["machine"], record["pretraining"]
+    m, pre, arch = record["machine"], record["pretraining"], record["architecture"]
+    model_flags = (f"--model.name {arch['name']} --model.width {arch['width']} --model.depth {arch['depth']} "
+                   f"--model.heads {arch['heads']} --model.mlp_dim {arch['mlp_dim']}")
     ms = lambda s: f"{s['mean']:.2f} ± {s['std']:.2f}"  # noqa: E731
     lines = [
         "# Transfer: pretrain on Fashion-MNIST, fine-tune on small sets",
@@ -211,8 +239,9 @@ def write_report(record: dict, out: Path, started: datetime) -> None:
         f"- command: `{record['command']}`",
         f"- date: {record['date']}, commit {record['commit']}, wall time {record['wall_seconds'] / 60:.1f} min",
         f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads",
-        f"- model: ViT Ti/7 with width 128, depth 4, 4 heads, MLP 256 (16 patches + class token at 28x28)",
-        (f"- pretraining: {pre['epochs']:g} epochs on all 60,000 Fashion-MNIST training images, "
+        (f"- model: ViT with patch {arch['name'].split('/')[1]}, width {arch['width']}, depth {arch['depth']}, "
+         f"{arch['heads']} heads, MLP {arch['mlp_dim']}; every run in {record.get('precision', 'fp32')}"),
+        (f"- pretraining: {pre['epochs']:g} epochs on {pre['images']:,} Fashion-MNIST training images, "
          f"{pre['seconds'] / 60:.1f} min, Fashion-MNIST test top-1 {pre['fashion_mnist_test_top1']:.2f}%"
          + (f" (an earlier run of this script, reused: {pre['weights']})" if pre.get("reused") else "")
          if "epochs" in pre else f"- pretraining: reused {pre['weights']}"),
@@ -239,15 +268,15 @@ def write_report(record: dict, out: Path, started: datetime) -> None:
                   f"- 10-shot: pretrained minus random init = {a['fewshot_pretrained_minus_random_points']:+.2f} points"]
     weights = pre["weights"]
     lines += ["", "The same runs from the command line (seed 0; `--run.seed N` for the others):", "", "```",
-              "vitkit train --model.name Ti/7 --model.width 128 --model.depth 4 --model.heads 4 --model.mlp_dim 256 "
-              "--data.val_size 0 --optim.batch_size 128 --optim.epochs "
-              f"{pre.get('epochs', 10):g} --run.out runs/transfer/pretrain",
+              (f"vitkit train {model_flags} --data.val_size 0 --optim.batch_size 128 --optim.epochs "
+               f"{pre.get('epochs', 10):g} --run.out runs/transfer/pretrain" if not pre.get("reused")
+               else f"(pretraining: the run that wrote {weights}; see its config.yaml)"),
               f"vitkit finetune --weights {weights} --data mnist-subset --data.crop pad "
               f"--optim.epochs {record['epochs_on_target']:g} --sweep [{','.join(f'{x:g}' for x in FINETUNE_LR_SWEEP)}] "
               "--run.out runs/transfer/mnist-subset/finetune",
               f"vitkit finetune --weights {weights} --data mnist-subset --data.crop pad --resolution {HIGH_RESOLUTION} "
-              f"--optim.epochs {record['epochs_on_target']:g} --run.out runs/transfer/mnist-subset/finetune42",
-              "vitkit train --model.name Ti/7 --model.width 128 --model.depth 4 --model.heads 4 --model.mlp_dim 256 "
+              f"--optim.epochs {record['epochs_on_target']:g} --run.out runs/transfer/mnist-subset/finetune{HIGH_RESOLUTION}",
+              f"vitkit train {model_flags} "
               f"--data mnist-subset --data.crop pad --data.flip false --optim.epochs {record['epochs_on_target']:g} "
               "--optim.warmup 0.05 --optim.lr 0.001 --run.out runs/transfer/mnist-subset/scratch",
               f"vitkit fewshot --weights {weights} --data mnist-subset --shots 10 [--random_init true]",
