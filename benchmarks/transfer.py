@@ -128,6 +128,7 @@ def summary(scores: list[float]) -> dict:
 
 
 def main() -> int:
+    global ARCHITECTURE, HIGH_RESOLUTION, PRECISION
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", default="runs/transfer", help="where the training runs go")
     parser.add_argument("--out", default="docs/results", help="where the report goes")
@@ -141,7 +142,6 @@ def main() -> int:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
                         help="precision of every run (the published runs before 2026-11-24 used fp32)")
     args = parser.parse_args()
-    global ARCHITECTURE, HIGH_RESOLUTION, PRECISION
     HIGH_RESOLUTION, PRECISION = args.high_resolution, args.precision
     if args.pretrained:
         ARCHITECTURE = architecture_of(Path(args.pretrained))
