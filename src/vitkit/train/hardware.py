@@ -1,9 +1,9 @@
 """What "auto" means for training precision and compilation on the machine at hand.
 
 bf16 autocast pays only where the hardware multiplies bf16 natively: on CPUs with AVX-512 BF16 or AMX
-matmuls run 2.4-3x faster than fp32 (measured on the 2-core development machine, see DESIGN.md), while
-CPUs without them emulate bf16 and get slower. torch.compile costs about 45 s of compilation on that
-machine and then makes each step about 1.2x faster, so it pays only for runs of thousands of steps.
+matmuls run 2.4-3x faster than fp32 (measured on the 2-core development machine, docs/results/speed_*),
+while CPUs without them emulate bf16 and get slower. torch.compile costs about 45 s of compilation on
+that machine and then makes each step about 1.2x faster, so it pays only for runs of thousands of steps.
 """
 
 from __future__ import annotations

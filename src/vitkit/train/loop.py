@@ -29,9 +29,9 @@ from vitkit.train.checkpoint import Position, last_checkpoint, load_training_sta
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import local_device
 from vitkit.train.evaluate import EvalResult, autocast, evaluate
+from vitkit.train.hardware import resolve_compile, resolve_precision
 from vitkit.train.metrics import MetricsLog, plot_confusion, plot_curves, read_metrics, topk_correct
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
-from vitkit.train.hardware import resolve_compile, resolve_precision
 from vitkit.train.sampling import EpochBatches, SeededAugment, Transformed, derive_seed
 from vitkit.weights import load_weights, save_weights
 

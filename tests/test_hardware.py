@@ -1,0 +1,44 @@
+"""What "auto" precision and compilation resolve to."""
+
+from __future__ import annotations
+
+import torch
+
+from vitkit.train import hardware
+from vitkit.train.hardware import COMPILE_MIN_STEPS, resolve_compile, resolve_precision
+
+CPU = torch.device("cpu")
+
+
+def test_explicit_precision_is_kept_and_auto_follows_the_cpu(monkeypatch):
+    assert resolve_precision("fp32", CPU) == "fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: True)
+    assert resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_has_native_bf16", lambda: False)
+    assert resolve_precision("auto", CPU) == "fp32"
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
+    hardware.cpu_has_native_bf16.cache_clear()
+    real_path = hardware.Path
+    for flags, expected in [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16", True), ("fpu avx2 avx512f", False)]:
+        info = tmp_path / "cpuinfo"
+        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        monkeypatch.setattr(hardware, "Path", lambda _: real_path(info))
+        hardware.cpu_has_native_bf16.cache_clear()
+        assert hardware.cpu_has_native_bf16() is expected, flags
+    monkeypatch.setattr(hardware, "Path", lambda _: real_path(tmp_path / "missing"))
+    hardware.cpu_has_native_bf16.cache_clear()
+    assert hardware.cpu_has_native_bf16() is False
+    hardware.cpu_has_native_bf16.cache_clear()
+
+
+def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):
+    assert resolve_compile(True, CPU, 10) is True
+    assert resolve_compile(False, CPU, 10**6) is False
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert resolve_compile("auto", CPU, COMPILE_MIN_STEPS - 1) is False
+    assert resolve_compile("auto", CPU, COMPILE_MIN_STEPS) is True
+    monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
+    assert resolve_compile("auto", CPU, COMPILE_MIN_STEPS) is False
