@@ -65,6 +65,16 @@ def run_options(out: Path, seed: int) -> RunOptions:
                       checkpoint_every=100_000, keep_checkpoints=1, precision=PRECISION, compile=False)
 
 
+def _resolved_precision(precision: str) -> str:
+    """What --precision means on this machine, as the report states it ("auto" alone says too little)."""
+    import torch
+
+    from vitkit.train.hardware import resolve_precision
+
+    resolved = resolve_precision(precision, torch.device("cpu"))
+    return resolved if resolved == precision else f"{resolved} ({precision})"
+
+
 def architecture_of(weights: Path) -> ModelOptions:
     """The ModelOptions that rebuild the architecture of a vitkit weights file (for the from-scratch arm)."""
     from vitkit.weights import load_model
@@ -154,7 +164,7 @@ def main() -> int:
     record = {"benchmark": "transfer: Fashion-MNIST pretraining -> small targets", "command": command,
               "date": started.isoformat(timespec="seconds"), "commit": commit, "machine": machine(),
               "architecture": vars(ARCHITECTURE), "epochs_on_target": args.epochs, "seeds": args.seeds,
-              "precision": PRECISION, "high_resolution": HIGH_RESOLUTION,
+              "precision": _resolved_precision(PRECISION), "high_resolution": HIGH_RESOLUTION,
               "targets": {}}
 
     if args.pretrained:
