@@ -84,16 +84,11 @@ def _pillow_allows(limit: int | None):
 
 def _stored_size(path: str) -> tuple[int, int] | None:
     """(width, height) as the header states it, read with Pillow's own guard off (no pixel is decoded)."""
-    with _PILLOW_LIMIT_LOCK:
-        pillow_limit = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            with Image.open(path) as img:
-                return img.size
-        except Exception:
-            return None
-        finally:
-            Image.MAX_IMAGE_PIXELS = pillow_limit
+    try:
+        with _pillow_allows(None), Image.open(path) as img:
+            return img.size
+    except Exception:
+        return None
 
 
 def _pillow_bomb_reason(path: str, error: Exception, limit: int | None) -> str:

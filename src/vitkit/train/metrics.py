@@ -33,8 +33,8 @@ class MetricsLog:
         self.path = run_dir / "metrics.jsonl"
         self.writer = None
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if _step_of(line) is not None
-                    and _step_of(line) <= resume_step]
+            kept = [line for line in self.path.read_text().splitlines()
+                    if (record := _record(line)) is not None and record["step"] <= resume_step]
             atomic_write_text(self.path, "".join(line + "\n" for line in kept))
         if tensorboard:
             try:
@@ -61,20 +61,19 @@ class MetricsLog:
             self.writer.close()
 
 
-def _step_of(line: str) -> int | None:
-    """The step of one metrics.jsonl line, or None for a line that is not a whole record."""
+def _record(line: str) -> dict | None:
+    """One metrics.jsonl line as a record with an integer step, or None for a line that is not a whole record."""
     try:
         record = json.loads(line)
     except ValueError:
         return None
-    step = record.get("step") if isinstance(record, dict) else None
-    return step if isinstance(step, int) else None
+    return record if isinstance(record, dict) and isinstance(record.get("step"), int) else None
 
 
 def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if _step_of(line) is not None]
+    return [record for line in path.read_text().splitlines() if (record := _record(line)) is not None]
 
 
 def plot_curves(records: list[dict], out_path: Path) -> None:
