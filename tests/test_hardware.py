@@ -19,19 +19,24 @@ def test_explicit_precision_is_kept_and_auto_follows_the_cpu(monkeypatch):
     assert resolve_precision("auto", CPU) == "fp32"
 
 
-def test_native_bf16_is_read_from_the_cpu_flags(monkeypatch, tmp_path):
-    hardware.cpu_has_native_bf16.cache_clear()
+def test_bf16_and_vnni_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
     real_path = hardware.Path
-    for flags, expected in [("fpu avx512f avx512_bf16 sse", True), ("fpu amx_bf16", True), ("fpu avx2 avx512f", False)]:
-        info = tmp_path / "cpuinfo"
-        info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        monkeypatch.setattr(hardware, "Path", lambda _: real_path(info))
-        hardware.cpu_has_native_bf16.cache_clear()
-        assert hardware.cpu_has_native_bf16() is expected, flags
-    monkeypatch.setattr(hardware, "Path", lambda _: real_path(tmp_path / "missing"))
-    hardware.cpu_has_native_bf16.cache_clear()
-    assert hardware.cpu_has_native_bf16() is False
-    hardware.cpu_has_native_bf16.cache_clear()
+    cases = [("fpu avx512f avx512_bf16 sse", True, False), ("fpu amx_bf16 amx_int8", True, True),
+             ("fpu avx2 avx512f avx512_vnni", False, True), ("fpu avx2 avx_vnni", False, True),
+             ("fpu avx2 avx512f", False, False)]
+    try:
+        for flags, bf16, vnni in cases:
+            info = tmp_path / "cpuinfo"
+            info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+            monkeypatch.setattr(hardware, "Path", lambda _: real_path(info))
+            hardware.cpu_flags.cache_clear()
+            assert (hardware.cpu_has_native_bf16(), hardware.cpu_has_vnni()) == (bf16, vnni), flags
+        monkeypatch.setattr(hardware, "Path", lambda _: real_path(tmp_path / "missing"))
+        hardware.cpu_flags.cache_clear()
+        assert hardware.cpu_flags() == frozenset()
+        assert not hardware.cpu_has_native_bf16() and not hardware.cpu_has_vnni()
+    finally:
+        hardware.cpu_flags.cache_clear()  # the next caller reads the real CPU again
 
 
 def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):

@@ -180,6 +180,28 @@ def test_bf16_on_cpu_takes_the_explicit_attention_path_with_the_same_result(monk
     assert calls == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_recomputed_attention_gives_the_explicit_matmuls_outputs_and_gradients(dtype):
+    # The bf16 CPU path keeps only q, k, v for backward and recomputes the probabilities there; it must give
+    # what autograd through softmax(scale * q k^T) v gives: bit for bit in bf16 (same kernels); in float64 a
+    # transposed operand may take another BLAS path and round the last bit differently.
+    from vitkit.model.vit import _RecomputedAttention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 4, 50, 32, dtype=dtype, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(3, 4, 50, 32, dtype=dtype)
+    scale = 32**-0.5
+    out = _RecomputedAttention.apply(q, k, v, scale)
+    got = [out.detach(), *torch.autograd.grad(out, (q, k, v), grad_out)]
+    ref = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    want = [ref.detach(), *torch.autograd.grad(ref, (q, k, v), grad_out)]
+    tolerance = 0 if dtype == torch.bfloat16 else 1e-12
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=tolerance, rtol=tolerance)
+    small = [torch.randn(2, 2, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    assert torch.autograd.gradcheck(lambda a, b, c: _RecomputedAttention.apply(a, b, c, 0.3), small)
+
+
 def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing():
     model = tiny_model(drop_path=0.0).train()
     x = torch.randn(2, 3, 32, 32)

@@ -153,17 +153,50 @@ class Attention(nn.Module):
         dropout_p = self.attn_dropout if self.training else 0.0
         # The fused kernel, except when the caller wants the weights, or for bf16 on a CPU: there PyTorch's
         # flash-attention kernel is far slower than three plain matmuls (its backward about 5x at 50 tokens,
-        # measured with torch 2.14), which made bf16 training slower than fp32.
-        if need_weights or (q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        # measured with torch 2.14), which made bf16 training slower than fp32. Those matmuls recompute the
+        # probabilities in backward, as the fused kernel does, so training memory stays at its level.
+        if need_weights or (dropout_p > 0 and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
             attn = attn if need_weights else None
+        elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
+            attn = None
+            out = _RecomputedAttention.apply(q, k, v, self.head_dim**-0.5)  # (B, h, T, hd)
         else:
             attn = None
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, hd)
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.proj_drop(self.proj(out)), attn
+
+
+class _RecomputedAttention(torch.autograd.Function):
+    """softmax(scale * q k^T) v as plain matmuls, keeping only q, k and v for the backward pass.
+
+    Autograd through the explicit matmuls would keep the (B, h, T, T) probabilities and the scaled q of
+    every layer until backward; recomputing them there (one extra matmul and softmax per layer) holds
+    training memory at the level of a fused attention kernel. Same arithmetic as the explicit path.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v)
+        ctx.scale = scale
+        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
+        return probs @ v  # (B, h, T, hd)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
+        q, k, v = ctx.saved_tensors
+        q_scaled = q * ctx.scale
+        probs = (q_scaled @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T), as in forward
+        grad_v = probs.transpose(-2, -1) @ grad_out  # (B, h, T, hd)
+        grad_probs = grad_out @ v.transpose(-2, -1)  # (B, h, T, T)
+        # softmax's own backward kernel: it accumulates in fp32 without fp32 copies of (B, h, T, T) tensors
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_q = (grad_scores @ k) * ctx.scale  # (B, h, T, hd)
+        grad_k = grad_scores.transpose(-2, -1) @ q_scaled  # (B, h, T, hd)
+        return grad_q, grad_k, grad_v, None
 
 
 class Mlp(nn.Module):

@@ -19,17 +19,26 @@ COMPILE_MIN_STEPS = 3000
 
 
 @functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU has bf16 dot-product instructions (x86 AVX-512 BF16 or AMX), read from /proc/cpuinfo."""
+def cpu_flags() -> frozenset[str]:
+    """The instruction-set flags of this CPU as /proc/cpuinfo lists them (empty where it cannot be read)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 dot-product instructions (x86 AVX-512 BF16 or AMX)."""
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def cpu_has_vnni() -> bool:
+    """Whether this CPU has int8 dot products that accumulate in 32 bits (AVX-512 VNNI, AVX-VNNI or AMX)."""
+    return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
