@@ -15,6 +15,9 @@ What it measures:
 - the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
   set rises above its size once the models are built (batch 16 for inference; left out for compiled
   contenders, whose figure would be mostly the compiler's, except in the Fashion-MNIST training shape).
+  The process runs with glibc's mmap threshold fixed at 64 KiB, so every freed tensor goes back to the
+  system at once: the peak then follows the tensors alive together, and repeats to within 0.1 MB. With
+  glibc's adaptive threshold the same contender read anywhere between 176 and 193 MB.
 
 Contenders are interleaved: every repetition runs each once, in turn, so machine noise hits all alike;
 the figures are medians over repetitions. Each row also gives the ratio to timm eager fp32 and the
@@ -27,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import shlex
 import statistics
 import subprocess
@@ -91,10 +95,14 @@ def peak_extra_memory(run) -> float | None:
     return max(0, _status("VmHWM") - before)
 
 
+MMAP_THRESHOLD = 64 * 1024  # bytes; allocations from this size up are mapped and unmapped one by one
+
+
 def memory_in_fresh_process(kind: str, what: str, batch: int, contender: str) -> float | None:
     """`peak_extra_memory` of one contender, measured in a new Python process (see --memory-child)."""
     spec = json.dumps({"kind": kind, "what": what, "batch": batch, "contender": contender})
-    done = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(MMAP_THRESHOLD))
+    done = subprocess.run([sys.executable, __file__, "--memory-child", spec], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         print(f"memory of {contender} could not be measured: {done.stderr.strip()[-300:]}", file=sys.stderr)
         return None
@@ -338,7 +346,8 @@ def _write(record: dict, out: Path, started: datetime) -> None:
              f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
              f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s",
              f"- medians of {record['repetitions']} interleaved repetitions; 'peak extra MB' is how far the process's "
-             "peak resident set rose above its size while the contender ran (in a fresh process); logit differences are against "
+             "peak resident set rose above its size while the contender ran (in a fresh process, glibc mmap threshold "
+             f"{MMAP_THRESHOLD // 1024} KiB); logit differences are against "
              "vitkit fp32 with the same weights (HF: against vitkit loaded from HF's weights)", ""]
     for entry in record["inference"]:
         lines += _table(f"Inference {entry['model']} @224, batch {entry['batch']} "
