@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from vitkit.train.hardware import cpu_flags
+
 
 def machine() -> dict:
     cpu = "unknown"
@@ -17,10 +19,11 @@ def machine() -> dict:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-        flags = Path("/proc/cpuinfo").read_text()
-        isa = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
     except OSError:
-        isa = []
+        pass
+    # the instruction sets the bf16 and int8 modes' speed depends on
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
+    isa = [f for f in wanted if f in cpu_flags()]
     return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "python": platform.python_version(),
             "platform": platform.platform()}
