@@ -154,13 +154,15 @@ class Attention(nn.Module):
         # The fused kernel, except when the caller wants the weights, or for bf16 on a CPU: there PyTorch's
         # flash-attention kernel is far slower than three plain matmuls (its backward about 5x at 50 tokens,
         # measured with torch 2.14), which made bf16 training slower than fp32. Those matmuls recompute the
-        # probabilities in backward, as the fused kernel does, so training memory stays at its level.
-        if need_weights or (dropout_p > 0 and q.dtype == torch.bfloat16 and q.device.type == "cpu"):
+        # probabilities in backward, as the fused kernel does, so training memory stays at its level (except
+        # with attention dropout, whose mask the recomputation would have to keep).
+        cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
+        if need_weights or (dropout_p > 0 and cpu_bf16):
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = attn.softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
             attn = attn if need_weights else None
-        elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
+        elif cpu_bf16:
             attn = None
             out = _RecomputedAttention.apply(q, k, v, self.head_dim**-0.5)  # (B, h, T, hd)
         else:
