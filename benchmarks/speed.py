@@ -279,7 +279,10 @@ def main() -> int:
         _, width, depth, _, mlp = SIZES[size]
         flops = vit_flops(width, depth, mlp, 197, 3 * 16 * 16, 1000)
         for batch in (1, 16):
-            # Built afresh for each batch size, so compiled contenders are specialised to it.
+            # Built afresh for each batch size, so compiled contenders are specialised to it. Dynamo's caches are
+            # cleared first: every model shares one forward code object, and after 8 compilations of it (the
+            # recompile limit) torch would silently run later "compiled" contenders eagerly.
+            torch._dynamo.reset()
             contenders, differences = inference_contenders(size, not args.no_compile)
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
@@ -300,6 +303,7 @@ def main() -> int:
     # The default recipe's batch (configs/fashion_mnist.yaml).
     shapes = [("fashion-mnist default", 128)] + ([] if args.quick or args.no_ti224_training else [("Ti/16 @224", 32)])
     for shape, batch in shapes:
+        torch._dynamo.reset()
         contenders, images, labels, flops = training_contenders(shape, batch, not args.no_compile)
         measured = interleaved(contenders, lambda step: step(), reps, min_seconds=2.0)
         for name in measured:  # compiling the 224-pixel training graphs again only for memory takes too long

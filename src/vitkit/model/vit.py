@@ -193,9 +193,9 @@ class _RecomputedAttention(torch.autograd.Function):
         q_scaled = q * ctx.scale
         probs = (q_scaled @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T), as in forward
         grad_v = probs.transpose(-2, -1) @ grad_out  # (B, h, T, hd)
-        grad_probs = grad_out @ v.transpose(-2, -1)  # (B, h, T, T)
         # softmax's own backward kernel: it accumulates in fp32 without fp32 copies of (B, h, T, T) tensors
-        grad_scores = torch.ops.aten._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
+        grad_scores = torch.ops.aten._softmax_backward_data(grad_out @ v.transpose(-2, -1), probs, -1, probs.dtype)
+        del probs  # of the (B, h, T, T) tensors only grad_scores stays alive for the last two matmuls
         grad_q = (grad_scores @ k) * ctx.scale  # (B, h, T, hd)
         grad_k = grad_scores.transpose(-2, -1) @ q_scaled  # (B, h, T, hd)
         return grad_q, grad_k, grad_v, None
