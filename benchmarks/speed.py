@@ -89,18 +89,21 @@ def peak_extra_memory(run) -> dict[str, int] | None:
 
     Meaningful in a fresh process only: once an allocator has grown, it reuses what it holds.
     """
+    clear_refs = Path("/proc/self/clear_refs")
     try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current size
+        clear_refs.write_text("5")  # resets the peak (VmHWM) to the current size
     except OSError:
         return None
-    before = _status("VmRSS")
-    run()
-    first = max(0, _status("VmHWM") - before)
-    Path("/proc/self/clear_refs").write_text("5")
-    before = _status("VmRSS")
-    run()
-    run()
-    return {"first": first, "warm": max(0, _status("VmHWM") - before)}
+
+    def rise(calls: int) -> int:
+        clear_refs.write_text("5")
+        before = _status("VmRSS")
+        for _ in range(calls):
+            run()
+        return max(0, _status("VmHWM") - before)
+
+    first = rise(1)
+    return {"first": first, "warm": rise(2)}
 
 
 MMAP_THRESHOLD = 64 * 1024  # bytes; allocations from this size up are mapped and unmapped one by one
