@@ -11,7 +11,8 @@ What it measures:
   through its converters and its logits are compared with theirs. vit-pytorch's ViT is not the paper's
   (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
-  of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast;
+  of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
+  (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.hardware);
 - the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
   set rises above its size once the models are built, over the first call (compilation included) and,
   separately, over the calls after it (batch 16 for inference; compiled contenders only in the
@@ -19,6 +20,10 @@ What it measures:
   The process runs with glibc's mmap threshold fixed at 64 KiB, so every freed tensor goes back to the
   system at once: the peak then follows the tensors alive together, and repeats to within 0.1 MB. With
   glibc's adaptive threshold the same contender read anywhere between 176 and 193 MB.
+
+The process first tells glibc to keep freed memory for reuse (vitkit.allocator; `--system-allocator` leaves
+it), as vitkit's command line does: every contender then runs with it, and none pays for page faults that a
+batch's re-allocated tensors would otherwise take.
 
 Contenders are interleaved: every repetition runs each once, in turn, so machine noise hits all alike;
 the figures are medians over repetitions. Each row also gives the ratio to timm eager fp32 and the
@@ -46,7 +51,9 @@ import torch.nn.functional as F
 from provenance import machine, revision
 
 import vitkit
+from vitkit import allocator
 from vitkit.inference_modes import InferenceModel
+from vitkit.train.hardware import compile_for_training
 
 SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536), "B/16": ("base", 768, 12, 12, 3072)}
 
@@ -215,7 +222,9 @@ def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dic
     def stepper(model, compiled: bool, bf16: bool):
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        forward = torch.compile(model) if compiled else model
+        # each library compiled as its trainer compiles it: vitkit's with its activation budget (hardware.py)
+        compile_model = compile_for_training if isinstance(model, vitkit.ViT) else torch.compile
+        forward = compile_model(model) if compiled else model
 
         def step():
             optimizer.zero_grad(set_to_none=True)
@@ -263,17 +272,25 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--system-allocator", action="store_true",
+                        help="leave glibc's allocator settings as they are (default: keep freed memory for reuse, "
+                             "vitkit.allocator, as vitkit's command line does; every contender runs with it)")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
         return _memory_child(args.memory_child)
+    # One process-wide setting, made before any contender is built, so all of them run with it alike.
+    allocator_setting = (
+        "glibc's defaults" if args.system_allocator or not allocator.keep_freed_memory() else
+        f"freed memory kept for reuse (vitkit.allocator: mmap threshold {allocator.MMAP_THRESHOLD >> 20} MiB, "
+        f"trim threshold {allocator.TRIM_THRESHOLD >> 20} MiB), for every contender alike")
     reps = 3 if args.quick else args.reps
     sizes = args.sizes or (["Ti/16"] if args.quick else list(SIZES))
     started = datetime.now(timezone.utc)
     record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
-              "repetitions": reps, "inference": [], "training": []}
+              "repetitions": reps, "allocator": allocator_setting, "inference": [], "training": []}
     ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
     print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
@@ -416,6 +433,7 @@ def _write(record: dict, out: Path, started: datetime) -> None:
              f"with {m['torch_threads']} threads",
              f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
              f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s",
+             f"- allocator (speed figures): {record.get('allocator', 'not recorded')}",
              f"- medians of {record['repetitions']} interleaved repetitions; 'peak extra MB' is how far the process's "
              "peak resident set rose above its size over two calls after a first one, and in brackets over the first "
              "call, which includes compilation (in a fresh process, glibc mmap threshold "

@@ -47,3 +47,35 @@ def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):
     assert resolve_compile("auto", CPU, COMPILE_MIN_STEPS) is True
     monkeypatch.setattr(hardware.shutil, "which", lambda name: None)
     assert resolve_compile("auto", CPU, COMPILE_MIN_STEPS) is False
+
+
+def test_training_compilation_runs_under_the_activation_budget_and_restores_the_default(monkeypatch):
+    import torch._functorch.config as functorch_config
+
+    default = functorch_config.activation_memory_budget
+    seen = []
+
+    def fake_compile(module):  # records what a compilation on this call would read
+        return lambda x: seen.append(functorch_config.activation_memory_budget) or module(x)
+
+    monkeypatch.setattr(hardware.torch, "compile", fake_compile)
+    forward = hardware.compile_for_training(torch.nn.Identity())
+    assert torch.equal(forward(torch.ones(2)), torch.ones(2))
+    assert seen == [hardware.TRAINING_ACTIVATION_BUDGET] and 0 < hardware.TRAINING_ACTIVATION_BUDGET < 1
+    assert functorch_config.activation_memory_budget == default  # the process's setting is left as it was
+
+
+def test_a_compiled_training_step_gives_the_eager_gradients():
+    # Recomputing activations in backward (the budget) must not change what backward computes.
+    import vitkit
+
+    torch.manual_seed(0)
+    model = vitkit.create_model("Ti/4", width=32, depth=2, heads=2, mlp_dim=64, img_size=8, in_chans=1, num_classes=3)
+    images, labels = torch.randn(4, 1, 8, 8), torch.tensor([0, 1, 2, 0])
+    grads = []
+    for forward in (model, hardware.compile_for_training(model)):
+        model.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(forward(images), labels).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for eager, compiled in zip(*grads):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-6)

@@ -31,6 +31,9 @@ class EvalOptions:
     """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
     compile: bool = False
     """torch.compile the model first (a slow first batch, faster ones after)."""
+    keep_freed_memory: bool = True
+    """On a CPU, let this process keep the memory it frees so batches reuse it instead of faulting in fresh pages
+    (glibc on Linux; see vitkit.allocator and docs/results/speed_*). Memory stays near its peak."""
     device: str = "auto"
     on_bad_image: Literal["error", "skip"] = "error"
     out: str | None = None
@@ -47,6 +50,9 @@ class PredictOptions:
     """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
     compile: bool = False
     """torch.compile the model first (a slow first batch, faster ones after)."""
+    keep_freed_memory: bool = True
+    """On a CPU, let this process keep the memory it frees so batches reuse it instead of faulting in fresh pages
+    (glibc on Linux; see vitkit.allocator and docs/results/speed_*). Memory stays near its peak."""
     device: str = "auto"
     images: list[str] = field(default_factory=list)
 
@@ -89,7 +95,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
                          "fine-tune them on this dataset first")
     mean, std = normalisation(preprocess, cfg.in_chans)
     split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
-    runner = InferenceModel(model, opts.precision, opts.compile)
+    runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
     result = evaluate(runner, split, data.num_classes, device, "fp32", opts.batch_size)
     print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
           f"loss {result.loss:.4f}  ({result.count} images)")
@@ -124,7 +130,7 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
     names = preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)]
     transform = eval_transform(mean, std, cfg.img_size)
     mode = "L" if cfg.in_chans == 1 else "RGB"
-    runner = InferenceModel(model, opts.precision, opts.compile)
+    runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
     results = []
     for path in opts.images:
         image = transform(load_image(path, mode=mode)).unsqueeze(0).to(device)  # (1, C, H, W)

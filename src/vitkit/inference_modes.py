@@ -12,6 +12,8 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
   activations per call, per tensor, over the full 8-bit range on CPUs with VNNI (7 bits elsewhere, where
   the int8 kernels would saturate). CPU only.
 `compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after).
+`keep_freed_memory=True` (CPU) lets the process reuse the memory it frees instead of faulting in fresh pages
+for every batch (vitkit.allocator); it changes the C allocator's settings for the whole process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from vitkit.allocator import keep_freed_memory as _keep_freed_memory
 from vitkit.train.hardware import cpu_has_vnni
 
 Precision = Literal["fp32", "bf16", "bf16-autocast", "int8"]
@@ -32,7 +35,8 @@ PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "bf16-autocast", "int8")
 class InferenceModel(nn.Module):
     """`model` prepared for inference in one mode; the original is left as it was."""
 
-    def __init__(self, model: nn.Module, precision: Precision = "fp32", compile: bool = False):
+    def __init__(self, model: nn.Module, precision: Precision = "fp32", compile: bool = False,
+                 keep_freed_memory: bool = False):
         super().__init__()
         if precision not in PRECISIONS:
             raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
@@ -42,6 +46,8 @@ class InferenceModel(nn.Module):
                              "use bf16 on a GPU")
         self.precision = precision
         self.device = device
+        if keep_freed_memory and device.type == "cpu":
+            _keep_freed_memory()
         inner = copy.deepcopy(model).eval()
         if precision == "bf16":
             inner = inner.to(torch.bfloat16)

@@ -29,7 +29,7 @@ from vitkit.train.checkpoint import Position, last_checkpoint, load_training_sta
 from vitkit.train.config import TrainConfig
 from vitkit.train.distributed import local_device
 from vitkit.train.evaluate import EvalResult, autocast, evaluate
-from vitkit.train.hardware import resolve_compile, resolve_precision
+from vitkit.train.hardware import compile_for_training, resolve_compile, resolve_precision
 from vitkit.train.metrics import MetricsLog, plot_confusion, plot_curves, read_metrics, topk_correct
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
 from vitkit.train.sampling import EpochBatches, SeededAugment, Transformed, derive_seed
@@ -267,7 +267,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
     # DDP broadcasts rank 0's parameters at construction and averages gradients in backward.
     network = torch.nn.parallel.DistributedDataParallel(model) if ctx.enabled else model
     compiled = resolve_compile(r.compile, device, total_steps)
-    forward = torch.compile(network) if compiled else network
+    forward = compile_for_training(network) if compiled else network
     if main and (r.precision == "auto" or r.compile == "auto"):
         print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
               f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {total_steps} steps)")
