@@ -89,7 +89,7 @@ class DataOptions:
     pad: int = 1
     """Padding of the 'pad' crop, in pixels: shifts of up to this many. 1 for the Fashion-MNIST recipe, where at
     32 epochs 2 left the model underfitting (test 91.06/90.79% over two seeds) and 0 let it overfit (train 98.4%,
-    test 90.09%); 1 gave 91.47% (docs/results/fashion_mnist_default_2026-11-24_*)."""
+    test 90.09%); 1 gave 91.47/91.03% over two seeds (docs/results/fashion_mnist_default_2026-11-24_*)."""
     flip: bool = True
     """Random horizontal flip."""
     randaugment: int = 0
