@@ -257,3 +257,38 @@ def test_config_round_trips_through_dict():
 
 def test_top_level_api():
     assert vitkit.create_model is create_model
+
+
+@pytest.mark.parametrize("pool", ["cls", "gap"])
+def test_patch_dropout_keeps_prefix_and_a_random_subset_of_patch_tokens_in_training_only(pool):
+    torch.manual_seed(0)
+    model = create_model("Ti/4", img_size=16, in_chans=1, num_classes=3, depth=1, pool=pool, patch_dropout=0.25)
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    images = torch.randn(5, 1, 16, 16)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        patches, grid = model.embed_patches(images)
+        full = model._tokens(patches, grid)  # (5, P + 16, D): every token with its position embedding
+        model.train()
+        model(images)
+    prefix = 1 if pool == "cls" else 0
+    kept = seen[-1]
+    assert kept.shape == (5, prefix + 12, model.cfg.width)  # int(16 * 0.75) patch tokens
+    torch.testing.assert_close(kept[:, :prefix], full[:, :prefix], rtol=0, atol=0)
+    for image in range(5):
+        matches = (kept[image, prefix:, None] == full[image, None, prefix:]).all(-1)  # (12, 16)
+        assert (matches.sum(1) == 1).all() and (matches.sum(0) <= 1).all()  # distinct rows of this image
+    assert len({tuple(m.nonzero()[:, 1].tolist()) for m in [
+        (kept[i, prefix:, None] == full[i, None, prefix:]).all(-1) for i in range(5)]}) > 1  # chosen per image
+    model.eval()
+    with torch.no_grad():
+        with_dropout = model(images)
+        model.cfg.patch_dropout = 0.0
+        assert torch.equal(with_dropout, model(images))  # evaluation sees every token
+    assert seen[-1].shape[1] == prefix + 16
+
+
+def test_patch_dropout_rate_is_checked():
+    with pytest.raises(ValueError, match="patch_dropout must be in"):
+        ViTConfig(img_size=16, patch_size=4, patch_dropout=1.0)

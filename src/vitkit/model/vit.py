@@ -45,6 +45,9 @@ class ViTConfig:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     """Stochastic depth rate of the last block; earlier blocks get linearly less."""
+    patch_dropout: float = 0.0
+    """Fraction of patch tokens left out, at random per image, while training (PatchDropout, Liu et al. 2022;
+    timm's patch_drop_rate): the encoder sees fewer tokens, so a step costs less. Prefix tokens always stay."""
     pos_embed_interp: str = "bicubic"
     """How the position embedding is resampled for inputs of another size: bicubic or bilinear."""
     name: str = field(default="", compare=False)
@@ -77,7 +80,7 @@ class ViTConfig:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.pos_embed_interp not in INTERPOLATION_MODES:
             raise ValueError(f"pos_embed_interp must be one of {INTERPOLATION_MODES}, got {self.pos_embed_interp!r}")
-        for key in ("dropout", "attn_dropout", "drop_path"):
+        for key in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
             value = getattr(self, key)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {value!r}")
@@ -355,9 +358,24 @@ class ViT(nn.Module):
             patches = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)  # (B, T, D)
         return self.pos_drop(patches + self.pos_embed_for(grid))
 
+    def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> (B, P + K, D): the P prefix tokens and K = (1 - patch_dropout) N random patch tokens."""
+        prefix = self.cfg.num_prefix_tokens
+        patches = tokens[:, prefix:]  # (B, N, D)
+        b, n, d = patches.shape
+        keep = max(1, int(n * (1.0 - self.cfg.patch_dropout)))
+        chosen = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :keep]  # (B, K), without replacement
+        kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D), position embedding included
+        return torch.cat([tokens[:, :prefix], kept], dim=1)
+
     def encode(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """(B, N, D) patch embeddings -> (B, T, D) tokens after the encoder and final norm."""
+        """(B, N, D) patch embeddings -> (B, T, D) tokens after the encoder and final norm.
+
+        While training with `patch_dropout`, T counts only the prefix and the patch tokens kept.
+        """
         x = self._tokens(patches, grid)
+        if self.training and self.cfg.patch_dropout > 0:
+            x = self._drop_patches(x)  # (B, P + K, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, _ = checkpoint(block, x, use_reentrant=False)

@@ -35,6 +35,9 @@ class ModelOptions:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     """Stochastic depth rate of the last block."""
+    patch_dropout: float = 0.0
+    """Fraction of patch tokens left out at random per training image (PatchDropout; timm's patch_drop_rate).
+    A step then costs less; evaluation sees every token."""
 
     def overrides(self) -> dict:
         d = asdict(self)
