@@ -253,3 +253,10 @@ def test_bad_finetune_options_leave_the_run_they_would_overwrite_intact(pretrain
 def test_finetune_needs_weights(capsys, tmp_path):
     assert main(["finetune", "--data", "synthetic", "--run.out", str(tmp_path / "r")]) == 2
     assert "needs --weights" in capsys.readouterr().err
+
+
+def test_patch_dropout_is_set_for_fine_tuning_like_the_other_regularisers():
+    source = pretrained(patch_dropout=0.5)
+    for rate in (0.0, 0.25):
+        model = adapt_for_finetune(source, num_classes=3, patch_dropout=rate)
+        assert model.cfg.patch_dropout == rate and source.cfg.patch_dropout == 0.5

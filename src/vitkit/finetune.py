@@ -59,9 +59,9 @@ def adapt_for_finetune(
     - at another `img_size` the patch size is kept (a longer sequence) and the learned position
       embedding is resampled in 2D once, so the new model stores it at the new grid;
     - at another `in_chans` the patch embedding follows `adapt_input_channels`;
-    - `overrides` set fields that weights do not hold (dropout, attn_dropout, drop_path).
+    - `overrides` set fields that weights do not hold (dropout, attn_dropout, drop_path, patch_dropout).
     """
-    allowed = {"dropout", "attn_dropout", "drop_path"}
+    allowed = {"dropout", "attn_dropout", "drop_path", "patch_dropout"}
     if set(overrides) - allowed:
         raise ValueError(f"only {sorted(allowed)} can be changed when fine-tuning, not {sorted(set(overrides) - allowed)}")
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
@@ -146,7 +146,8 @@ def model_for_finetune(init: InitOptions, options: ModelOptions, num_classes: in
             f"{cfg.patch_size} with --resolution (e.g. {', '.join(map(str, multiples))})")
     model = adapt_for_finetune(pretrained, num_classes, img_size=img_size, in_chans=in_chans,
                                keep_pre_logits=init.keep_pre_logits, dropout=options.dropout,
-                               attn_dropout=options.attn_dropout, drop_path=options.drop_path)
+                               attn_dropout=options.attn_dropout, drop_path=options.drop_path,
+                               patch_dropout=options.patch_dropout)
     if init.freeze:
         freeze_backbone(model)
     return model
