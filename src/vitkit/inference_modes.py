@@ -98,15 +98,14 @@ class PackedLinear(nn.Module):
     and the MLP's GELU applied as the matmul writes its output, S/16's fp32 layers at batch 16 took
     14.4 ms (qkv), 4.9 (proj), 20.6 (fc1 + GELU) and 18.1 (fc2) where aten took 20.6, 5.9, 22.8 and 25.7
     (torch 2.14, 2 cores, AVX-512); the results differ from aten's by float rounding only (about 1e-5 of
-    the output's scale). This is what
-    torch.compile's freezing does for a compiled model, here without compiling.
+    the output's scale). This is what torch.compile's freezing does for a compiled model, here without
+    compiling.
     """
 
     def __init__(self, linear: nn.Linear, activation: Literal["none", "gelu"] = "none",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
-        if activation not in ("none", "gelu"):
-            raise ValueError(f"unknown activation {activation!r}: choose none or gelu")
+        _check_activation(activation)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype))  # opaque, (out, in)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -120,6 +119,12 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}, "
                 f"dtype={self.dtype}")
+
+
+def _check_activation(activation: str) -> None:
+    """The activations both kernels fuse into the matmul."""
+    if activation not in ("none", "gelu"):
+        raise ValueError(f"unknown activation {activation!r}: choose none or gelu")
 
 
 def packed_linears_available(device: torch.device, dtype: torch.dtype) -> bool:
@@ -149,8 +154,7 @@ class DynamicInt8Linear(nn.Module):
     def __init__(self, linear: nn.Linear, reduce_range: bool, activation: Literal["none", "gelu"] = "none",
                  out_dtype: torch.dtype = torch.float32, kernel: Literal["auto", "onednn", "fbgemm"] = "auto"):
         super().__init__()
-        if activation not in ("none", "gelu"):
-            raise ValueError(f"unknown activation {activation!r}: choose none or gelu")
+        _check_activation(activation)
         if kernel not in ("auto", "onednn", "fbgemm"):
             raise ValueError(f"unknown int8 kernel {kernel!r}: choose auto, onednn or fbgemm")
         if kernel == "onednn" and (reduce_range or not onednn_int8_available()):
