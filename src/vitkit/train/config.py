@@ -35,9 +35,12 @@ class ModelOptions:
     attn_dropout: float = 0.0
     drop_path: float = 0.0
     """Stochastic depth rate of the last block."""
-    patch_dropout: float = 0.0
+    patch_dropout: float = 0.5
     """Fraction of patch tokens left out at random per training image (PatchDropout; timm's patch_drop_rate).
-    A step then costs less; evaluation sees every token."""
+    A step then costs less; evaluation sees every token. 0.5 for the Fashion-MNIST recipe: 25 of 50 tokens make
+    a compiled bf16 step about 1.75x faster, and the epochs that buys beat the lost tokens: 91.79% test at
+    0.0/32 epochs, 92.37% at 0.25/41 epochs (30.0 min), 92.31% at 0.5/46 epochs in 23.3 min
+    (docs/results/fashion_mnist_default_*). Set 0 when fine-tuning unless you mean it."""
 
     def overrides(self) -> dict:
         d = asdict(self)
@@ -127,8 +130,9 @@ class OptimOptions:
     """Images per optimiser step (the effective batch)."""
     accumulate: int = 1
     """Split each step into this many micro-batches (for batches that do not fit in memory)."""
-    epochs: float = 32.0
-    """Training length in epochs (fractions allowed)."""
+    epochs: float = 56.0
+    """Training length in epochs (fractions allowed). 56 for the Fashion-MNIST recipe: what fits in 30 minutes on
+    2 CPU cores with patch_dropout 0.5."""
     warmup: float = 0.03
     """Linear warm-up: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -247,7 +251,7 @@ def finetune_defaults() -> TrainConfig:
     The architecture comes from the pretrained weights, so the model fields are unset.
     """
     return TrainConfig(
-        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None),
+        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None, patch_dropout=0.0),
         data=DataOptions(dataset="mnist-subset", crop="none", flip=False),
         optim=OptimOptions(optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, batch_size=64, epochs=10.0,
                            label_smoothing=0.0,
