@@ -1,4 +1,4 @@
-"""torchrun with two processes trains the same model as one process on the whole batch."""
+"""torchrun with two processes trains the same model as one process on the whole batch (PatchDropout included)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "2", "--model.heads", "2",
-        "--model.mlp_dim", "64", "--optim.optimizer", "sgd", "--optim.lr", "0.05", "--optim.epochs", "1",
+        "--model.mlp_dim", "64", "--model.patch_dropout", "0.5", "--optim.optimizer", "sgd", "--optim.lr", "0.05", "--optim.epochs", "1",
         "--optim.batch_size", "32", "--data.pad", "1", "--run.precision", "fp32", "--run.progress", "false",
         "--run.tensorboard", "false"]
 

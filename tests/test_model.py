@@ -289,6 +289,27 @@ def test_patch_dropout_keeps_prefix_and_a_random_subset_of_patch_tokens_in_train
     assert seen[-1].shape[1] == prefix + 16
 
 
+def test_patch_dropout_keeps_the_patches_of_lowest_given_noise():
+    torch.manual_seed(0)
+    model = create_model("Ti/4", img_size=16, in_chans=1, num_classes=3, depth=1, patch_dropout=0.25).train()
+    images = torch.randn(3, 1, 16, 16)
+    noise = torch.stack([torch.randperm(16).float() for _ in range(3)])  # (3, 16): distinct scores per image
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    with torch.no_grad():
+        patches, grid = model.embed_patches(images)
+        full = model._tokens(patches, grid)  # (3, 1 + 16, D)
+        first = model(images, patch_noise=noise)
+        torch.manual_seed(123)  # the global RNG plays no part once the noise is given
+        second = model(images, patch_noise=noise)
+    lowest = noise.argsort(dim=1)[:, :12]  # int(16 * 0.75) patches, lowest score first
+    expected = torch.cat([full[:, :1], full[:, 1:].gather(1, lowest[..., None].expand(-1, -1, full.shape[-1]))], 1)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=0)
+    assert torch.equal(first, second)
+    with pytest.raises(ValueError, match=r"patch_noise must hold one score per patch token, shape \(3, 16\)"):
+        model(images, patch_noise=noise[:, :8])
+
+
 def test_patch_dropout_rate_is_checked():
     with pytest.raises(ValueError, match="patch_dropout must be in"):
         ViTConfig(img_size=16, patch_size=4, patch_dropout=1.0)

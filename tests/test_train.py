@@ -99,11 +99,16 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, capsys, augmentation, resume_st
     assert _losses(tmp_path / "part") == whole
 
 
-def test_gradient_accumulation_matches_the_full_batch(tmp_path):
+@pytest.mark.parametrize("patch_dropout", [0.0, 0.5])
+def test_gradient_accumulation_matches_the_full_batch(tmp_path, patch_dropout):
     # SGD, not Adam: the key bias gets an exactly-zero gradient (softmax ignores a shift), and Adam
     # would blow the rounding noise of that zero up to full-size steps.
-    one = train(tiny_config(tmp_path / "one", epochs=0.2, optimizer="sgd", lr=0.05))
-    four = train(tiny_config(tmp_path / "four", epochs=0.2, optimizer="sgd", lr=0.05, accumulate=4))
+    # With PatchDropout each image must keep the same patches in a micro-batch as in the whole batch.
+    one, four = (tiny_config(tmp_path / name, epochs=0.2, optimizer="sgd", lr=0.05, accumulate=accumulate)
+                 for name, accumulate in (("one", 1), ("four", 4)))
+    for cfg in (one, four):
+        cfg.model.patch_dropout = patch_dropout
+    one, four = train(one), train(four)
     a = load_file(one.run_dir / "model.safetensors")
     b = load_file(four.run_dir / "model.safetensors")
     for key in a:
@@ -132,8 +137,8 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(tmp_pat
     real_forward = ViT.forward
     calls = {"n": 0}
 
-    def poisoned(self, x):
-        out = real_forward(self, x)
+    def poisoned(self, x, **kwargs):
+        out = real_forward(self, x, **kwargs)
         if not self.training:
             return out
         calls["n"] += 1

@@ -358,24 +358,33 @@ class ViT(nn.Module):
             patches = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)  # (B, T, D)
         return self.pos_drop(patches + self.pos_embed_for(grid))
 
-    def _drop_patches(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) -> (B, P + K, D): the P prefix tokens and K = (1 - patch_dropout) N random patch tokens."""
+    def _drop_patches(self, tokens: torch.Tensor, patch_noise: torch.Tensor | None) -> torch.Tensor:
+        """(B, T, D) -> (B, P + K, D): the P prefix tokens and the K = (1 - patch_dropout) N patch tokens of
+        lowest noise, (B, N) uniform draws from torch's global RNG unless `patch_noise` gives them."""
         prefix = self.cfg.num_prefix_tokens
         patches = tokens[:, prefix:]  # (B, N, D)
         b, n, d = patches.shape
         keep = max(1, int(n * (1.0 - self.cfg.patch_dropout)))
-        chosen = torch.rand(b, n, device=tokens.device).argsort(dim=1)[:, :keep]  # (B, K), without replacement
+        if patch_noise is None:
+            patch_noise = torch.rand(b, n, device=tokens.device)
+        elif tuple(patch_noise.shape) != (b, n):
+            raise ValueError(f"patch_noise must hold one score per patch token, shape {(b, n)}, got "
+                             f"{tuple(patch_noise.shape)}")
+        chosen = patch_noise.argsort(dim=1)[:, :keep]  # (B, K), without replacement
         kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D), position embedding included
         return torch.cat([tokens[:, :prefix], kept], dim=1)
 
-    def encode(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    def encode(self, patches: torch.Tensor, grid: tuple[int, int],
+               patch_noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, N, D) patch embeddings -> (B, T, D) tokens after the encoder and final norm.
 
-        While training with `patch_dropout`, T counts only the prefix and the patch tokens kept.
+        While training with `patch_dropout`, T counts only the prefix and the patch tokens kept: those
+        with the lowest `patch_noise` (B, N), random scores the caller may draw itself (a trainer does,
+        to make the choice independent of how a batch is split), else drawn here. Unused otherwise.
         """
         x = self._tokens(patches, grid)
         if self.training and self.cfg.patch_dropout > 0:
-            x = self._drop_patches(x)  # (B, P + K, D)
+            x = self._drop_patches(x, patch_noise)  # (B, P + K, D)
         for block in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, _ = checkpoint(block, x, use_reentrant=False)
@@ -383,10 +392,10 @@ class ViT(nn.Module):
                 x, _ = block(x)
         return self.norm(x)
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, T, D) tokens after the final norm."""
+    def forward_features(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, T, D) tokens after the final norm (`patch_noise`: see `encode`)."""
         patches, grid = self.embed_patches(x)
-        return self.encode(patches, grid)
+        return self.encode(patches, grid, patch_noise)
 
     def forward_intermediates(
         self, x: torch.Tensor, blocks: list[int] | None = None, attention: bool = False
@@ -426,8 +435,9 @@ class ViT(nn.Module):
         x = self.pre_logits(self.pool(tokens))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, classes) logits (`patch_noise`: see `encode`)."""
+        return self.forward_head(self.forward_features(x, patch_noise))
 
 
 def _lecun_normal_(weight: torch.Tensor) -> None:

@@ -305,16 +305,18 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derive_seed(r.seed, position.epoch, position.batch, ctx.rank, 0x313))
                     images, targets = mixer(images, labels)
+            noise = _patch_noise(model.cfg, image_size, o.batch_size, r.seed, position.epoch, position.batch, ctx)
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct = 0.0, 0
             chunks = range(0, len(images), micro)
             for i, chunk in enumerate(chunks):
                 x, t = images[chunk:chunk + micro], targets[chunk:chunk + micro]
+                patch_kwargs = {} if noise is None else {"patch_noise": noise[chunk:chunk + len(x)].to(device)}
                 # Gradients are averaged across processes once, on the last micro-batch.
                 sync = contextlib.nullcontext() if (i == len(chunks) - 1 or not ctx.enabled) else network.no_sync()
                 with sync:
                     with autocast(device, precision):
-                        logits = forward(x)
+                        logits = forward(x, **patch_kwargs)
                     loss = F.cross_entropy(logits.float(), t, label_smoothing=o.label_smoothing)
                     (loss * len(x) / len(images)).backward()
                 loss_sum += loss.item() * len(x)
@@ -426,6 +428,20 @@ def _epoch_batches(train_set: SeededAugment, fast_augment: BatchAugment | None, 
     loader = DataLoader(train_set, batch_sampler=[batch[share] for batch in sampler], num_workers=num_workers,
                         collate_fn=collate_skip_none, generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
     yield from loader
+
+
+def _patch_noise(model_cfg, image_size: tuple[int, int], batch_size: int, seed: int, epoch: int, batch: int,
+                 ctx: distributed.Distributed) -> torch.Tensor | None:
+    """PatchDropout's scores (this process's rows, (B / world_size, N)) for one step, or None without it.
+
+    Drawn for the whole global batch from (seed, epoch, batch) and shared out like the images, so a sample
+    keeps the same patches however the batch is split over processes and micro-batches, and on resume.
+    """
+    if not model_cfg.patch_dropout > 0:
+        return None
+    num_patches = (image_size[0] // model_cfg.patch_size) * (image_size[1] // model_cfg.patch_size)
+    generator = torch.Generator().manual_seed(derive_seed(seed, epoch, batch, 0x9A7C))
+    return torch.rand(batch_size, num_patches, generator=generator)[ctx.rank::ctx.world_size]
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
