@@ -51,7 +51,7 @@ from vitkit.train.loop import train
 FINETUNE_LR_SWEEP = (0.01, 0.03, 0.1, 0.3)
 SCRATCH_LR_SWEEP = (0.0003, 0.001, 0.003, 0.01)
 # The architecture pretrained here; with --pretrained, the weights' own architecture is used instead.
-ARCHITECTURE = ModelOptions(name="Ti/7", width=128, depth=4, heads=4, mlp_dim=256)
+ARCHITECTURE = ModelOptions(name="Ti/7", width=128, depth=4, heads=4, mlp_dim=256, patch_dropout=0.0)
 TARGETS = {"mnist-subset": 28, "digits": 28}  # the resolution each is trained at
 HIGH_RESOLUTION = 42  # for patch 7 (a 6x6 grid instead of 4x4); --high-resolution for other patch sizes
 
@@ -81,7 +81,7 @@ def architecture_of(weights: Path) -> ModelOptions:
 
     cfg = load_model(weights).cfg
     return ModelOptions(name=f"Ti/{cfg.patch_size}", width=cfg.width, depth=cfg.depth, heads=cfg.heads,
-                        mlp_dim=cfg.mlp_dim, pool=cfg.pool)
+                        mlp_dim=cfg.mlp_dim, pool=cfg.pool, patch_dropout=0.0)
 
 
 def pretrain_config(out: Path, epochs: float) -> TrainConfig:

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 ARGS = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "2", "--model.heads", "2",
-        "--model.mlp_dim", "64", "--model.patch_dropout", "0.5", "--optim.optimizer", "sgd", "--optim.lr", "0.05", "--optim.epochs", "1",
+        "--model.mlp_dim", "64", "--model.patch_dropout", "0.5",
+        "--optim.optimizer", "sgd", "--optim.lr", "0.05", "--optim.epochs", "1",
         "--optim.batch_size", "32", "--data.pad", "1", "--run.precision", "fp32", "--run.progress", "false",
         "--run.tensorboard", "false"]
 

@@ -260,3 +260,11 @@ def test_patch_dropout_is_set_for_fine_tuning_like_the_other_regularisers():
     for rate in (0.0, 0.25):
         model = adapt_for_finetune(source, num_classes=3, patch_dropout=rate)
         assert model.cfg.patch_dropout == rate and source.cfg.patch_dropout == 0.5
+
+
+def test_vitkit_finetune_trains_without_patch_dropout_whatever_the_train_default(pretrained_file):
+    assert TrainConfig().model.patch_dropout > 0  # the Fashion-MNIST recipe uses it ...
+    options = finetune_defaults().model  # ... `vitkit finetune` does not, unless asked
+    model = model_for_finetune(InitOptions(weights=str(pretrained_file)), options, num_classes=4,
+                               img_size=(16, 16), in_chans=3)
+    assert options.patch_dropout == 0.0 and model.cfg.patch_dropout == 0.0

@@ -103,7 +103,9 @@ def test_resume_mid_epoch_is_bit_exact(tmp_path, capsys, augmentation, resume_st
 def test_gradient_accumulation_matches_the_full_batch(tmp_path, patch_dropout):
     # SGD, not Adam: the key bias gets an exactly-zero gradient (softmax ignores a shift), and Adam
     # would blow the rounding noise of that zero up to full-size steps.
-    # With PatchDropout each image must keep the same patches in a micro-batch as in the whole batch.
+    # With PatchDropout each image must keep the same patches in a micro-batch as in the whole batch. (Torch's CPU
+    # generator fills 4 x 8 rows as it fills 32, so a draw inside the model passes here too; two processes
+    # under torchrun, tests/test_distributed.py, are what need the trainer's draw.)
     one, four = (tiny_config(tmp_path / name, epochs=0.2, optimizer="sgd", lr=0.05, accumulate=accumulate)
                  for name, accumulate in (("one", 1), ("four", 4)))
     for cfg in (one, four):

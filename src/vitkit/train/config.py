@@ -40,8 +40,8 @@ class ModelOptions:
     A step then costs less; evaluation sees every token. 0.5 for the Fashion-MNIST recipe: with 25 of 50 tokens
     the training steps ran about 1.8x faster (median 1,916 against 1,071 images/s), and the epochs that buys
     beat the lost tokens. Test accuracy in about half an hour: 91.79% at 0.0 (32 epochs), 92.37% at 0.25
-    (41 epochs), 92.31% at 0.5 (46 epochs, 23.3 min), 92.71% at 0.5 (56 epochs, 27.2 min)
-    (docs/results/fashion_mnist_default_*). Set 0 when fine-tuning unless you mean it."""
+    (41 epochs), 92.31% at 0.5 (46 epochs, 23.3 min), 92.71/92.74% at 0.5 (56 epochs, 27.2/27.0 min, seeds
+    0/1) (docs/results/fashion_mnist_default_*). Set 0 when fine-tuning unless you mean it."""
 
     def overrides(self) -> dict:
         d = asdict(self)
@@ -249,10 +249,11 @@ def finetune_defaults() -> TrainConfig:
 
     SGD with momentum 0.9, no weight decay, the gradient norm clipped at 1, a short linear warm-up and
     cosine decay. No flip: fine-tuning sets (digits, text, ...) are not always mirror-symmetric.
-    The architecture comes from the pretrained weights, so the model fields are unset.
+    The architecture comes from the pretrained weights, so the model fields are unset; PatchDropout is off.
     """
     return TrainConfig(
-        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None, patch_dropout=0.0),
+        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None,
+                           patch_dropout=0.0),
         data=DataOptions(dataset="mnist-subset", crop="none", flip=False),
         optim=OptimOptions(optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, batch_size=64, epochs=10.0,
                            label_smoothing=0.0,
