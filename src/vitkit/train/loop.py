@@ -305,7 +305,7 @@ def _train(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed)
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(derive_seed(r.seed, position.epoch, position.batch, ctx.rank, 0x313))
                     images, targets = mixer(images, labels)
-            noise = _patch_noise(model.cfg, image_size, o.batch_size, r.seed, position.epoch, position.batch, ctx)
+            noise = _patch_noise(model.cfg, o.batch_size, r.seed, position.epoch, position.batch, ctx)
             optimizer.zero_grad(set_to_none=True)
             loss_sum, correct = 0.0, 0
             chunks = range(0, len(images), micro)
@@ -430,7 +430,7 @@ def _epoch_batches(train_set: SeededAugment, fast_augment: BatchAugment | None, 
     yield from loader
 
 
-def _patch_noise(model_cfg, image_size: tuple[int, int], batch_size: int, seed: int, epoch: int, batch: int,
+def _patch_noise(model_cfg, batch_size: int, seed: int, epoch: int, batch: int,
                  ctx: distributed.Distributed) -> torch.Tensor | None:
     """PatchDropout's scores (this process's rows, (B / world_size, N)) for one step, or None without it.
 
@@ -439,9 +439,8 @@ def _patch_noise(model_cfg, image_size: tuple[int, int], batch_size: int, seed: 
     """
     if not model_cfg.patch_dropout > 0:
         return None
-    num_patches = (image_size[0] // model_cfg.patch_size) * (image_size[1] // model_cfg.patch_size)
     generator = torch.Generator().manual_seed(derive_seed(seed, epoch, batch, 0x9A7C))
-    return torch.rand(batch_size, num_patches, generator=generator)[ctx.rank::ctx.world_size]
+    return torch.rand(batch_size, math.prod(model_cfg.grid_size), generator=generator)[ctx.rank::ctx.world_size]
 
 
 def _grad_norm(model: torch.nn.Module) -> torch.Tensor:
