@@ -30,7 +30,8 @@ demo: setup data
 	$(BIN)/vitkit train --run.overwrite true
 
 # pytest exits 5 when it collected no tests: that is a broken suite here, not a pass.
-test: setup
+# `data` too, so that the tests that read the real Fashion-MNIST files run (and are not skipped) on a fresh machine.
+test: setup data
 	@$(BIN)/python -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: treating as failure" >&2; exit 1; fi; exit $$rc
 

@@ -24,7 +24,7 @@ from provenance import machine, revision
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
-from vitkit.inference_modes import PRECISIONS, InferenceModel
+from vitkit.inference_modes import MODES, InferenceModel
 
 GOALS = {"agreement_at_least": 0.995, "accuracy_within_points": 0.2}
 
@@ -54,7 +54,7 @@ def main() -> int:
 
     reference = None
     for compiled in (False, True):
-        for precision in PRECISIONS:
+        for precision in MODES:
             start = time.perf_counter()
             predicted = predictions(InferenceModel(model, precision, compile=compiled), images)
             seconds = time.perf_counter() - start

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from vitkit.train.hardware import cpu_flags
+from vitkit.runtime import cpu_flags
 
 
 def machine() -> dict:

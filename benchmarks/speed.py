@@ -12,7 +12,7 @@ What it measures:
   (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
   of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
-  (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.hardware);
+  (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.compile);
 - the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
   set rises above its size once the models are built, over the first call (compilation included) and,
   separately, over the calls after it (batch 16 for inference; compiled contenders only in the
@@ -53,7 +53,7 @@ from provenance import machine, revision
 import vitkit
 from vitkit import allocator
 from vitkit.inference_modes import InferenceModel
-from vitkit.train.hardware import compile_for_training
+from vitkit.train.compile import compile_for_training
 
 SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536), "B/16": ("base", 768, 12, 12, 3072)}
 
@@ -175,7 +175,7 @@ def inference_contenders(size: str, with_compile: bool) -> tuple[dict, dict]:
         "HF transformers fp32 (sdpa)": lambda x: hf_model(pixel_values=x).logits,
         "vit-pytorch fp32": lambda x: vp_model(x),
     }
-    modes = [("fp32", False), ("bf16", False), ("bf16-autocast", False), ("int8", False)]
+    modes = [("fp32", False), ("bf16", False), ("bf16-mixed", False), ("int8", False)]
     if with_compile:
         modes += [("fp32", True), ("bf16", True)]
     for precision, compiled in modes:
@@ -222,7 +222,7 @@ def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dic
     def stepper(model, compiled: bool, bf16: bool):
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        # each library compiled as its trainer compiles it: vitkit's with its activation budget (hardware.py)
+        # each library compiled as its trainer compiles it: vitkit's with its activation budget (vitkit/train/compile.py)
         compile_model = compile_for_training if isinstance(model, vitkit.ViT) else torch.compile
         forward = compile_model(model) if compiled else model
 

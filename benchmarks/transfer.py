@@ -43,10 +43,10 @@ import yaml
 from provenance import machine, revision
 
 from vitkit.fewshot import FewShotOptions, few_shot_eval
-from vitkit.finetune import finetune_sweep
+from vitkit.train.sweep import finetune_sweep
 from vitkit.train.config import (DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig,
                                  finetune_defaults)
-from vitkit.train.loop import train
+from vitkit.train.trainer import train
 
 FINETUNE_LR_SWEEP = (0.01, 0.03, 0.1, 0.3)
 SCRATCH_LR_SWEEP = (0.0003, 0.001, 0.003, 0.01)
@@ -69,9 +69,9 @@ def _resolved_precision(precision: str) -> str:
     """What --precision means on this machine, as the report states it ("auto" alone says too little)."""
     import torch
 
-    from vitkit.train.hardware import resolve_precision
+    from vitkit.runtime import resolve_precision
 
-    resolved = resolve_precision(precision, torch.device("cpu"))
+    resolved = resolve_precision(precision, torch.device("cpu"), training=True)
     return resolved if resolved == precision else f"{resolved} ({precision})"
 
 

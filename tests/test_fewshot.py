@@ -103,7 +103,7 @@ def test_random_init_baseline_and_weights_without_a_config(weights, tmp_path):
 
 @pytest.mark.parametrize("options,message", [
     (["--shots", "101"], r"--shots 101 must be between 1 and the size of the smallest class \(\d+"),
-    (["--resolution", "18"], r"--resolution 18 is not divisible by the patch size 4"),
+    (["--resolution", "18"], r"--resolution 18x18 is not divisible by the patch size 4"),
     (["--draws", "0"], r"--draws must be at least 1"),
 ])
 def test_fewshot_bad_input_is_a_clear_error(weights, capsys, options, message):

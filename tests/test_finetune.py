@@ -11,15 +11,17 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vitkit.cli import _expand_aliases, build_parser, main
+from vitkit.cli import build_parser, expand_aliases, main
 from vitkit.data import eval_transform
-from vitkit.finetune import adapt_for_finetune, adapt_input_channels, finetune_sweep, model_for_finetune
+from vitkit.model import adapt_for_finetune, adapt_input_channels
+from vitkit.train.setup import model_for_finetune
+from vitkit.train.sweep import finetune_sweep
 from vitkit.model import create_model
 from vitkit.train.config import (DataOptions, InitOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig,
                                  finetune_defaults)
-from vitkit.train.evaluate import evaluate
-from vitkit.train.loop import train
-from vitkit.train.sampling import Transformed
+from vitkit.evaluation import evaluate
+from vitkit.train.trainer import train
+from vitkit.data import Transformed
 from vitkit.weights import WeightsError, load_model
 
 timm_pos_embed = pytest.importorskip("timm.layers.pos_embed")
@@ -136,17 +138,22 @@ def test_weights_without_a_config_give_the_same_finetune_model(pretrained_file, 
 
 def test_finetune_run_on_synthetic_starts_at_a_zero_head_and_improves_accuracy(pretrained_file, tmp_path,
                                                                                  monkeypatch):
-    import vitkit.train.loop as loop
+    import vitkit.train.trainer as trainer
 
     built = {}
-    real_build = loop.build_model
+    real_build, real_load = trainer.build_model, trainer._load_data
 
-    def recording_build(cfg, data, image_size):
-        model = real_build(cfg, data, image_size)
-        built["model"], built["data"] = copy.deepcopy(model), data
+    def recording_build(*args):
+        model = real_build(*args)
+        built["model"] = copy.deepcopy(model)
         return model
 
-    monkeypatch.setattr(loop, "build_model", recording_build)
+    def recording_load(cfg):
+        built["data"], image_size = real_load(cfg)
+        return built["data"], image_size
+
+    monkeypatch.setattr(trainer, "build_model", recording_build)
+    monkeypatch.setattr(trainer, "_load_data", recording_load)
     result = train(finetune_config(pretrained_file, tmp_path / "ft", epochs=3, lr=0.03))
     start, data = built["model"], built["data"]
     assert torch.count_nonzero(start.head.weight) == 0 and torch.count_nonzero(start.head.bias) == 0
@@ -204,7 +211,7 @@ def test_sweep_keeps_the_learning_rate_with_the_best_validation_accuracy(pretrai
 
 def test_finetune_short_options_and_paper_defaults():
     parser = build_parser()
-    argv = _expand_aliases(["finetune", "--weights", "w.safetensors", "--data", "digits", "--resolution=28",
+    argv = expand_aliases(["finetune", "--weights", "w.safetensors", "--data", "digits", "--resolution=28",
                             "--freeze"])
     cfg = parser.instantiate(parser.parse_args(argv)).finetune
     assert (cfg.init.weights, cfg.data.dataset, cfg.data.image_size, cfg.init.freeze) == (
@@ -226,7 +233,7 @@ def _one_class_folder(root: Path) -> Path:
 @pytest.mark.parametrize("options,message", [
     (["--model.name", "Ti/8"], r"ask for patch_size 8 \(the weights have 4\)"),
     (["--model.width", "64"], r"width 64 \(the weights have 32\)"),
-    (["--resolution", "30"], r"30x30 is not divisible by the pretrained patch size 4"),
+    (["--resolution", "30"], r"--resolution 30x30 is not divisible by the patch size 4"),
     (["--data.dataset", "image-folder"], r"has 1 class; classification needs at least 2"),
     (["--weights", "nowhere.safetensors"], r"nowhere\.safetensors does not exist"),
 ])

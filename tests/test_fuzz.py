@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 from safetensors.torch import save as safetensors_bytes
 
 from vitkit.train.config import TrainConfig
-from vitkit.train.loop import TrainingError, resumed_config
+from vitkit.train.errors import TrainingError
+from vitkit.train.run_dir import resumed_config
 from vitkit.weights import WeightsError, read_weights
 
 DEFAULT = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -6,16 +6,16 @@ import pytest
 import torch
 
 from randomised import randomise_
-from vitkit.inference_modes import (PRECISIONS, DynamicInt8Linear, InferenceModel, PackedLinear, onednn_int8_available,
+from vitkit.inference_modes import (MODES, DynamicInt8Linear, InferenceModel, PackedLinear, onednn_int8_available,
                                     packed_linears_available)
 from vitkit.model import create_model
-from vitkit.train.hardware import cpu_has_native_bf16, cpu_has_vnni
+from vitkit.runtime import cpu_has_native_bf16, cpu_has_vnni
 
 # Largest logit difference allowed, relative to the largest fp32 logit. fp32 runs its linears through oneDNN,
 # which sums in another order than aten (measured 7.7e-7). bf16 keeps 8 bits of mantissa
 # (a relative rounding of 2^-9 per operation); int8 rounds weights to 255 levels per output channel and
 # activations to 255 levels (127 without VNNI) per call: measured 0.023 (0.053 with 7-bit activations).
-TOLERANCE = {"fp32": 5e-6, "bf16": 0.02, "bf16-autocast": 0.02, "int8": 0.04 if cpu_has_vnni() else 0.07}
+TOLERANCE = {"fp32": 5e-6, "bf16": 0.02, "bf16-mixed": 0.02, "int8": 0.04 if cpu_has_vnni() else 0.07}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def model_and_images():
     return model, images, reference
 
 
-@pytest.mark.parametrize("precision", PRECISIONS)
+@pytest.mark.parametrize("precision", MODES)
 def test_mode_logits_agree_with_fp32(model_and_images, precision):
     model, images, reference = model_and_images
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from image_corpus import BOMB_LIMIT, Corpus, assert_reason, write_corpus
 from vitkit.cli import available_presets, build_parser, main, presets_dir
 from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
-from vitkit.train.loop import TrainingError, train
+from vitkit.train.errors import TrainingError
+from vitkit.train.trainer import train
 
 
 def tiny_config(out: Path, **optim) -> TrainConfig:

@@ -1,72 +1,88 @@
-"""`vitkit <command>`: each command is a plain function over typed config dataclasses.
+"""`vitkit <command>`: each command is a plain function over one typed options dataclass.
 
-The parser is built from the dataclasses with jsonargparse, so every field is an option with its
-docstring as help, and `--config recipe.yaml` (or `--preset NAME`) sets many at once; options given
-after it on the command line win.
+`COMMANDS` is the whole command line: a name, the function, its dataclass (whose field docstrings are the
+options' help texts), and the command's short forms. Every parser is built from that table the same way by
+jsonargparse, so `--config recipe.yaml` (or `--preset NAME`, a recipe packaged with vitkit) sets many options
+at once, and options given after it win.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
-from vitkit.train.config import (DataOptions, InitOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig,
-                                 finetune_defaults)
-
-# Short spellings of the options every user types, rewritten before parsing (later options still win).
-ALIASES = {
-    "train": {"--data": "--data.dataset", "--weights": "--init.weights"},
-    "finetune": {"--data": "--data.dataset", "--weights": "--init.weights", "--resolution": "--data.image_size",
-                 "--freeze": "--init.freeze=true"},
-}
+from vitkit.fewshot import FewShotOptions, few_shot_eval
+from vitkit.inference import EvalOptions, PredictOptions, evaluate_weights, predict_images
+from vitkit.train.config import FinetuneConfig, TrainConfig, finetune_defaults
 
 
 def train_command(cfg: TrainConfig) -> int:
     """Train a ViT from scratch (default: the Fashion-MNIST recipe)."""
-    from vitkit.train.loop import train
+    from vitkit.train.trainer import train
 
     result = train(cfg)
     return 0 if result.steps > 0 else 1
 
 
-def finetune_command(cfg: TrainConfig, sweep: list[float] | None = None) -> int:
+def finetune_command(cfg: FinetuneConfig) -> int:
     """Fine-tune pretrained weights on a dataset with a new zero-initialised head (the paper's recipe:
     SGD momentum 0.9, no weight decay, clipping at 1, warm-up then cosine)."""
     if not cfg.init.weights:
         raise ValueError("vitkit finetune needs --weights PRETRAINED (a vitkit, timm, HF or official .npz file)")
-    if sweep:
-        from vitkit.finetune import finetune_sweep
+    if cfg.sweep is not None:
+        from vitkit.train.sweep import finetune_sweep
 
-        finetune_sweep(cfg, sweep)
+        finetune_sweep(cfg.training(), cfg.sweep if isinstance(cfg.sweep, list) else [cfg.sweep])
         return 0
-    return train_command(cfg)
+    return train_command(cfg.training())
 
 
-def fewshot_command(opts) -> int:
+def fewshot_command(opts: FewShotOptions) -> int:
     """Few-shot linear evaluation of frozen representations: ridge regression on K images per class."""
-    from vitkit.fewshot import few_shot_eval
-
     few_shot_eval(opts)
     return 0
 
 
-def eval_command(opts) -> int:
+def eval_command(opts: EvalOptions) -> int:
     """Evaluate saved weights on a dataset split: top-1, top-5 and the confusion matrix."""
-    from vitkit.inference import evaluate_weights
-
     evaluate_weights(opts)
     return 0
 
 
-def predict_command(opts) -> int:
+def predict_command(opts: PredictOptions) -> int:
     """Classify image files with saved weights: the top-k classes with probabilities."""
-    from vitkit.inference import predict_images
-
     predict_images(opts)
     return 0
+
+
+@dataclass(frozen=True)
+class Command:
+    function: Callable[[object], int]
+    options: type
+    """The dataclass the function takes; its fields are the command's options."""
+    defaults: Callable[[], object] | None = None
+    """Options whose defaults differ from the dataclass's (as one instance of it)."""
+    aliases: dict[str, str] = field(default_factory=dict)
+    """Short forms of options (`--data` for `--data.dataset`); a value `--x=true` makes a flag."""
+    positional: str | None = None
+    """A list field taken from the positional arguments."""
+
+
+TRAINING_ALIASES = {"--data": "--data.dataset", "--weights": "--init.weights"}
+
+COMMANDS: dict[str, Command] = {
+    "train": Command(train_command, TrainConfig, aliases=TRAINING_ALIASES),
+    "finetune": Command(finetune_command, FinetuneConfig, finetune_defaults,
+                        {**TRAINING_ALIASES, "--resolution": "--data.image_size", "--freeze": "--init.freeze=true"}),
+    "fewshot": Command(fewshot_command, FewShotOptions),
+    "eval": Command(eval_command, EvalOptions),
+    "predict": Command(predict_command, PredictOptions, positional="images"),
+}
 
 
 def presets_dir() -> Path:
@@ -77,38 +93,31 @@ def available_presets() -> list[str]:
     return sorted(p.stem for p in presets_dir().glob("*.yaml"))
 
 
-def _expand_presets(argv: list[str]) -> list[str]:
-    """`--preset quick` -> `--config <package>/configs/quick.yaml`, in place, so later options still win."""
-    out, i = [], 0
-    while i < len(argv):
-        arg = argv[i]
-        name = None
-        if arg == "--preset":
-            if i + 1 >= len(argv):
-                raise ValueError(f"--preset needs a name; the presets are {available_presets()}")
-            name, i = argv[i + 1], i + 2
-        elif arg.startswith("--preset="):
-            name, i = arg.split("=", 1)[1], i + 1
-        else:
-            out.append(arg)
-            i += 1
-            continue
-        path = presets_dir() / f"{name}.yaml"
-        if not path.exists():
-            raise ValueError(f"unknown preset {name!r}; the presets are {available_presets()}")
-        out += ["--config", str(path)]
-    return out
+class RecipeFile(ActionConfigFile):
+    """`--config FILE`, or `--preset NAME` for a recipe packaged with vitkit (configs/NAME.yaml)."""
+
+    def __call__(self, parser, cfg, values, option_string=None):
+        if option_string == "--preset":
+            path = presets_dir() / f"{values}.yaml"
+            if not path.exists():
+                raise ValueError(f"unknown preset {values!r}; the presets are {available_presets()}")
+            values = str(path)
+        super().__call__(parser, cfg, values, option_string)
 
 
-def _expand_aliases(argv: list[str]) -> list[str]:
-    """`vitkit finetune --data mnist-subset` -> `--data.dataset mnist-subset`, and the other ALIASES."""
-    if not argv or argv[0] not in ALIASES:
+def expand_aliases(argv: list[str]) -> list[str]:
+    """A command's short forms written out (`finetune --data mnist-subset` -> `--data.dataset mnist-subset`).
+
+    jsonargparse gives each option group an option of the group's own name that reads the whole group from
+    YAML (`--data '{dataset: digits}'`), so `--data NAME` cannot be declared on the parser as a short form.
+    """
+    command = COMMANDS.get(argv[0]) if argv else None
+    if command is None or not command.aliases:
         return argv
-    aliases = ALIASES[argv[0]]
     out = [argv[0]]
     for arg in argv[1:]:
         name, eq, value = arg.partition("=")
-        target = aliases.get(name)
+        target = command.aliases.get(name)
         if target is None:
             out.append(arg)
         elif "=" in target:  # a flag: `--freeze` alone means true, `--freeze=false` still works
@@ -118,61 +127,47 @@ def _expand_aliases(argv: list[str]) -> list[str]:
     return out
 
 
-def _add_training_groups(parser: ArgumentParser) -> None:
-    parser.add_argument("--config", action=ActionConfigFile, help="A YAML recipe (see configs/); later options override it.")
-    parser.add_argument("--preset", type=str, help="A packaged recipe by name, e.g. 'quick' (same as --config).")
-    parser.add_class_arguments(ModelOptions, "model")
-    parser.add_class_arguments(InitOptions, "init")
-    parser.add_class_arguments(DataOptions, "data")
-    parser.add_class_arguments(OptimOptions, "optim")
-    parser.add_class_arguments(RunOptions, "run")
+def _command_parser(name: str, command: Command) -> ArgumentParser:
+    summary = command.function.__doc__
+    notes = []
+    if command.aliases:
+        notes.append("Short forms: " + ", ".join(f"{a} ({t.split('=')[0]})" for a, t in command.aliases.items()))
+    if command.options in (TrainConfig, FinetuneConfig):
+        notes.append(f"Presets (--preset): {', '.join(available_presets())}")
+    parser = ArgumentParser(prog=f"vitkit {name}", description=" ".join([summary, *(n + "." for n in notes)]))
+    parser.add_argument("--config", "--preset", action=RecipeFile,
+                        help="A YAML file of these options (--preset NAME: a recipe packaged with vitkit); "
+                        "options after it override it.")
+    skip = {command.positional} if command.positional else set()
+    parser.add_class_arguments(command.options, None, skip=skip)
+    if command.positional:
+        parser.add_argument(command.positional, nargs="+", type=str,
+                            help=_field_doc(command.options, command.positional))
+    if command.defaults is not None:
+        parser.set_defaults(_flatten(command.defaults().to_dict()))
+    return parser
 
 
 def build_parser() -> ArgumentParser:
-    from vitkit.fewshot import FewShotOptions
-    from vitkit.inference import EvalOptions, PredictOptions
-
     # The dataclass fields' docstrings are the options' help texts.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
-
-    parser = ArgumentParser(
-        prog="vitkit",
-        description="Vision Transformers (Dosovitskiy et al., 2020): train, evaluate and predict. "
-        "Run `vitkit <command> --help` for a command's options.",
-        exit_on_error=True,
-    )
+    parser = ArgumentParser(prog="vitkit", exit_on_error=True,
+                            description="Vision Transformers (Dosovitskiy et al., 2020): train, fine-tune, evaluate "
+                            "and predict. Run `vitkit <command> --help` for a command's options.")
     commands = parser.add_subcommands(dest="command", required=True)
-
-    train = ArgumentParser(description=train_command.__doc__ + f" Presets (--preset): {', '.join(available_presets())}. "
-                           "--data NAME is short for --data.dataset NAME.")
-    _add_training_groups(train)
-    commands.add_subcommand("train", train, help=train_command.__doc__)
-
-    finetune = ArgumentParser(description=finetune_command.__doc__ + " Short forms: --weights W (--init.weights), "
-                              "--data NAME (--data.dataset), --resolution R (--data.image_size), --freeze "
-                              "(--init.freeze). The model's architecture is the weights'.")
-    _add_training_groups(finetune)
-    finetune.add_argument("--sweep", type=float | list[float] | None, default=None,
-                          help="Fine-tune once per learning rate, e.g. [0.001,0.003,0.01,0.03] (the paper's), "
-                          "each in <run.out>/lr-<lr>, and keep the best by validation top-1.")
-    finetune.set_defaults(_flatten(finetune_defaults().to_dict()))
-    commands.add_subcommand("finetune", finetune, help=finetune_command.__doc__)
-
-    fewshot = ArgumentParser(description=fewshot_command.__doc__)
-    fewshot.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
-    fewshot.add_class_arguments(FewShotOptions, None)
-    commands.add_subcommand("fewshot", fewshot, help=fewshot_command.__doc__)
-
-    evaluate = ArgumentParser(description=eval_command.__doc__)
-    evaluate.add_argument("--config", action=ActionConfigFile, help="A YAML file of these options.")
-    evaluate.add_class_arguments(EvalOptions, None)
-    commands.add_subcommand("eval", evaluate, help=eval_command.__doc__)
-
-    predict = ArgumentParser(description=predict_command.__doc__)
-    predict.add_argument("images", nargs="+", type=str, help="Image files (any size; resized as the model needs).")
-    predict.add_class_arguments(PredictOptions, None)
-    commands.add_subcommand("predict", predict, help=predict_command.__doc__)
+    for name, command in COMMANDS.items():
+        commands.add_subcommand(name, _command_parser(name, command), help=command.function.__doc__)
     return parser
+
+
+def parse(argv: list[str]) -> tuple[Command, object]:
+    """The command `argv` names, and its options dataclass filled from the command line."""
+    parser = build_parser()
+    namespace = parser.parse_args(expand_aliases(argv))
+    name = namespace.command
+    command = COMMANDS[name]
+    built = parser.instantiate(namespace)[name]
+    return command, command.options(**{key: built[key] for key in command.options.__dataclass_fields__})
 
 
 def _error(message: str) -> int:
@@ -183,40 +178,17 @@ def _error(message: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        argv = _expand_presets(_expand_aliases(argv))
-    except ValueError as err:
+        command, options = parse(argv)
+    except ValueError as err:  # an unknown preset
         return _error(str(err))
-    parser = build_parser()
-    ns = parser.parse_args(argv)
-    command = ns.command
-    sub = ns[command]
     try:
-        if command in ("train", "finetune"):
-            init = parser.instantiate(ns)[command]
-            cfg = TrainConfig(model=init.model, init=init.init, data=init.data, optim=init.optim, run=init.run)
-            if command == "finetune":
-                sweep = sub.sweep if sub.sweep is None or isinstance(sub.sweep, list) else [sub.sweep]
-                return finetune_command(cfg, sweep)
-            return train_command(cfg)
-        from vitkit.fewshot import FewShotOptions
-        from vitkit.inference import EvalOptions, PredictOptions
-
-        if command == "fewshot":
-            return fewshot_command(_dataclass_from(FewShotOptions, sub))
-
-        if command == "eval":
-            return eval_command(_dataclass_from(EvalOptions, sub))
-        if command == "predict":
-            opts = _dataclass_from(PredictOptions, sub)
-            opts.images = list(sub.images)
-            return predict_command(opts)
+        return command.function(options)
     except KeyboardInterrupt:
         print("\nvitkit: interrupted. A training run continues from its last checkpoint with --run.resume.",
               file=sys.stderr)
         return 130
     except (ValueError, RuntimeError, FileNotFoundError, PermissionError, OSError) as err:
         return _error(str(err))
-    return _error(f"unknown command {command!r}")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -230,9 +202,11 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _dataclass_from(kind, namespace):
-    fields = kind.__dataclass_fields__
-    return kind(**{k: namespace[k] for k in fields if k in namespace})
+def _field_doc(kind: type, name: str) -> str:
+    from docstring_parser import parse_from_object
+
+    docs = {p.arg_name: p.description for p in parse_from_object(kind).params}
+    return docs.get(name) or name
 
 
 if __name__ == "__main__":

@@ -19,16 +19,18 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from vitkit.atomic import atomic_write_text
-from vitkit.data import collate_skip_none, eval_transform, load_dataset
-from vitkit.model import ViT
-from vitkit.train.evaluate import autocast
-from vitkit.train.sampling import Transformed
+from vitkit.data import Transformed, collate_skip_none, eval_transform, load_dataset
+from vitkit.inference import InferenceOptions, normalisation
+from vitkit.inference_modes import InferenceModel
+from vitkit.model import ViT, adapt_for_finetune, check_image_size
+from vitkit.runtime import resolve_device
+from vitkit.weights import load_pretrained
 
 
 @dataclass
-class FewShotOptions:
-    weights: str = ""
-    """Weights to probe: any file vitkit reads (vitkit, timm, HF, official .npz)."""
+class FewShotOptions(InferenceOptions):
+    """Probe the frozen representation of weights (any file vitkit reads) with K images per class."""
+
     data: str = "fashion-mnist"
     """Dataset name: fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder, synthetic."""
     data_dir: str | None = None
@@ -45,8 +47,6 @@ class FewShotOptions:
     random_init: bool = False
     """Probe a randomly initialised model of the same architecture instead (the baseline to beat)."""
     batch_size: int = 256
-    precision: Literal["fp32", "bf16"] = "fp32"
-    device: str = "auto"
     on_bad_image: Literal["error", "skip"] = "error"
     out: str | None = None
     """Write the results (JSON) into this directory."""
@@ -120,10 +120,6 @@ class FewShotResult:
 
 def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
     """Run the few-shot evaluation `opts` describes; prints a table and returns one result per K."""
-    from vitkit.finetune import adapt_for_finetune, load_pretrained
-    from vitkit.inference import normalisation
-    from vitkit.train.loop import resolve_device
-
     opts = replace(opts, shots=_as_list(opts.shots), l2=_as_list(opts.l2))
     _check(opts)
     device = resolve_device(opts.device)
@@ -136,9 +132,7 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
                         on_bad_image=opts.on_bad_image, seed=opts.seed)
     if data.num_classes < 2:
         raise ValueError(f"{opts.data} has {data.num_classes} class: few-shot classification needs at least 2")
-    if any(s % cfg.patch_size for s in size):
-        raise ValueError(f"--resolution {opts.resolution} is not divisible by the patch size {cfg.patch_size} of "
-                         f"{opts.weights}: use a multiple of {cfg.patch_size}")
+    check_image_size(size, cfg.patch_size, what="--resolution")
     train_labels = _labels(data.train)
     draws = {k: [few_shot_indices(train_labels, k, opts.seed * 1_000_003 + d) for d in range(opts.draws)]
              for k in opts.shots}  # drawn before anything heavy, so a bad K fails at once
@@ -147,7 +141,8 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
     if opts.random_init:
         torch.manual_seed(opts.seed)
         model = ViT(model.cfg)
-    model = model.to(device).eval()
+    model.reset_classifier(0)  # the model now returns its representation (the head's input)
+    model = InferenceModel(model.to(device), opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
     mean, std = normalisation(preprocess, cfg.in_chans)
     transform = eval_transform(mean, std, size)
 
@@ -209,20 +204,16 @@ def _labels(dataset) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(model: ViT, dataset, indices: list[int], transform, opts: FewShotOptions,
+def _features(model: InferenceModel, dataset, indices: list[int], transform, opts: FewShotOptions,
               device: torch.device) -> torch.Tensor:
+    """(len(indices), num_features) representations of the dataset's images at `indices`."""
     loader = DataLoader(Subset(Transformed(dataset, transform), indices), batch_size=opts.batch_size,
                         collate_fn=collate_skip_none)
-    out = []
-    for batch in loader:
-        if batch is not None:
-            with autocast(device, opts.precision):
-                features = model.forward_head(model.forward_features(batch[0].to(device)), pre_logits=True)
-            out.append(features.float().cpu())
+    out = [model(batch[0].to(device)).cpu() for batch in loader if batch is not None]
     if sum(len(o) for o in out) != len(indices):
         raise ValueError("some images could not be read (see above); few-shot evaluation needs every image of "
                          "the draws and of the validation and test splits")
-    return torch.cat(out) if out else torch.zeros(0, model.num_features)
+    return torch.cat(out) if out else torch.zeros(0, model.model.num_features)
 
 
 def _accuracy(features: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:

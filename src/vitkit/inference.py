@@ -9,69 +9,66 @@ from typing import Literal
 
 import torch
 
-from vitkit.data import eval_transform, load_dataset, load_image
-from vitkit.model import ViT
+from vitkit.atomic import atomic_write_text
+from vitkit.data import Transformed, eval_transform, load_dataset, load_image
+from vitkit.evaluation import EvalResult, evaluate
 from vitkit.inference_modes import InferenceModel
-from vitkit.train.evaluate import EvalResult, evaluate
-from vitkit.train.loop import resolve_device
-from vitkit.train.sampling import Transformed
+from vitkit.model import ViT
+from vitkit.plots import plot_confusion
+from vitkit.runtime import Precision, resolve_device
+from vitkit.weights import load_pretrained
 
 
 @dataclass
-class EvalOptions:
+class InferenceOptions:
+    """The options every command that runs saved weights shares."""
+
     weights: str = ""
-    """A vitkit .safetensors file (as written by `vitkit train`)."""
+    """Weights to run: a vitkit .safetensors file (as written by `vitkit train`), or timm, HF or official weights."""
+    precision: Precision = "fp32"
+    """fp32; bf16 (weights cast once); bf16-mixed (bf16 matmuls on fp32 weights); int8 (dynamically quantised
+    linear layers, CPU only); auto (bf16 where the device computes bf16 natively, else fp32)."""
+    compile: bool = False
+    """torch.compile the model first (a slow first batch, faster ones after)."""
+    keep_freed_memory: bool = True
+    """On a CPU, let this process keep the memory it frees so that batches reuse it instead of faulting in fresh
+    pages (glibc on Linux; vitkit.allocator). The process's memory then stays near its peak."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'."""
+
+
+@dataclass
+class EvalOptions(InferenceOptions):
+    """Evaluate weights on a dataset split."""
+
     data: str = "fashion-mnist"
     """Dataset name: fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder, synthetic."""
     data_dir: str | None = None
     """Where the dataset's files are (default: the dataset's usual places)."""
     split: Literal["test", "val", "train"] = "test"
     batch_size: int = 500
-    precision: Literal["fp32", "bf16", "bf16-autocast", "int8"] = "fp32"
-    """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
-    compile: bool = False
-    """torch.compile the model first (a slow first batch, faster ones after)."""
-    keep_freed_memory: bool = True
-    """On a CPU, let this process keep the memory it frees so batches reuse it instead of faulting in fresh pages
-    (glibc on Linux; see vitkit.allocator and docs/results/speed_*). Memory stays near its peak."""
-    device: str = "auto"
     on_bad_image: Literal["error", "skip"] = "error"
     out: str | None = None
     """Write the results (JSON) and a confusion-matrix plot into this directory."""
 
 
 @dataclass
-class PredictOptions:
-    weights: str = ""
-    """A vitkit .safetensors file (as written by `vitkit train`)."""
+class PredictOptions(InferenceOptions):
+    """Classify image files."""
+
     topk: int = 5
     """How many classes to list per image."""
-    precision: Literal["fp32", "bf16", "bf16-autocast", "int8"] = "fp32"
-    """fp32; bf16 (weights cast once); bf16-autocast; int8 (dynamic quantisation, CPU). See docs/results/."""
-    compile: bool = False
-    """torch.compile the model first (a slow first batch, faster ones after)."""
-    keep_freed_memory: bool = True
-    """On a CPU, let this process keep the memory it frees so batches reuse it instead of faulting in fresh pages
-    (glibc on Linux; see vitkit.allocator and docs/results/speed_*). Memory stays near its peak."""
-    device: str = "auto"
     images: list[str] = field(default_factory=list)
+    """Image files (any size; resized as the model needs)."""
 
 
 def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
-    """A model rebuilt from a vitkit .safetensors file, and the preprocessing it was trained with."""
-    from safetensors import safe_open
-
-    from vitkit.weights import load_model
-
+    """The model in a weights file of any format vitkit reads, on `device` in eval mode, and its preprocessing."""
     if not weights:
-        raise ValueError("--weights is required: a .safetensors file written by `vitkit train`")
-    if not Path(weights).exists():
-        raise FileNotFoundError(f"weights file {weights} does not exist")
-    model = load_model(weights).to(device).eval()  # validates the whole file first
-    with safe_open(weights, framework="pt") as f:  # the header only: the tensors are not read again
-        metadata = f.metadata() or {}
-    preprocess = json.loads(metadata.get("vitkit_preprocess", "{}"))
-    return model, preprocess
+        raise ValueError("--weights is required: a .safetensors file written by `vitkit train` (or timm, HF or "
+                         "official weights)")
+    model, preprocess = load_pretrained(weights)
+    return model.to(device).eval(), preprocess
 
 
 def normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], tuple[float, ...]]:
@@ -96,16 +93,13 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
     mean, std = normalisation(preprocess, cfg.in_chans)
     split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
     runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
-    result = evaluate(runner, split, data.num_classes, device, "fp32", opts.batch_size)
+    result = evaluate(runner, split, data.num_classes, device, opts.batch_size)
     print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
           f"loss {result.loss:.4f}  ({result.count} images)")
     if opts.out:
-        from vitkit.atomic import atomic_write_text
-        from vitkit.train.metrics import plot_confusion
-
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
-        report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": opts.precision,
+        report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": runner.precision,
                   "compile": opts.compile,
                   **result.summary(), "confusion": result.confusion.tolist(), "class_names": data.class_names}
         atomic_write_text(out / f"eval_{opts.split}.json", json.dumps(report, indent=2) + "\n")

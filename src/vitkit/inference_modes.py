@@ -1,7 +1,8 @@
-"""How a trained model runs at inference: full precision, bfloat16 weights, bf16 autocast, int8, compiled.
+"""How a trained model runs at inference: full precision, bfloat16 weights, bf16-mixed, int8, compiled.
 
 `InferenceModel(model, precision, compile)` wraps a ViT once and is then called like it: float images in,
-fp32 logits out, whatever runs inside. Each mode trades a little accuracy for speed; docs/results/ has
+fp32 logits out (or the representation, for a model without a head), whatever runs inside. The precisions
+are vitkit.runtime's vocabulary; "auto" resolves there. Each mode trades a little accuracy for speed; docs/results/ has
 the measured speed and accuracy cost of each, and tests/test_inference_modes.py the tolerances.
 
 - "fp32": the model as trained. On a CPU its linear layers run through oneDNN with their weights packed
@@ -9,7 +10,7 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
 - "bf16": a bfloat16 copy of the weights made once; images are cast on the way in. On CPUs with
   AVX-512 BF16 or AMX the matmuls run at the bf16 rate and no per-call weight casts are paid; the
   linear layers are packed as in fp32.
-- "bf16-autocast": fp32 weights, matmuls autocast to bf16 at every call (what training's bf16 does).
+- "bf16-mixed": fp32 weights, matmuls autocast to bf16 at every call (what training's bf16-mixed does).
 - "int8": the linear layers dynamically quantised to int8: weights once, symmetric per output channel;
   activations per call, per tensor, over the full 8-bit range on CPUs with VNNI (7 bits elsewhere, where
   the int8 kernels would saturate), with the MLP's GELU fused into its first linear. The attention between
@@ -32,10 +33,10 @@ from torch.nn import functional as F
 
 from vitkit.allocator import keep_freed_memory as _keep_freed_memory
 from vitkit.model.vit import Attention, Mlp
-from vitkit.train.hardware import cpu_has_native_bf16, cpu_has_vnni
+from vitkit.runtime import Precision, autocast, cpu_has_native_bf16, cpu_has_vnni, resolve_precision
 
-Precision = Literal["fp32", "bf16", "bf16-autocast", "int8"]
-PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "bf16-autocast", "int8")
+# The concrete modes ("auto" resolves to one of them).
+MODES: tuple[str, ...] = ("fp32", "bf16", "bf16-mixed", "int8")
 
 
 class InferenceModel(nn.Module):
@@ -44,12 +45,8 @@ class InferenceModel(nn.Module):
     def __init__(self, model: nn.Module, precision: Precision = "fp32", compile: bool = False,
                  keep_freed_memory: bool = False):
         super().__init__()
-        if precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
         device = next(model.parameters()).device
-        if precision == "int8" and device.type != "cpu":
-            raise ValueError(f"precision int8 (dynamic quantisation) runs on the CPU only, not on {device}; "
-                             "use bf16 on a GPU")
+        precision = resolve_precision(precision, device)
         self.precision = precision
         self.device = device
         if keep_freed_memory and device.type == "cpu":
@@ -77,10 +74,8 @@ class InferenceModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) images -> (B, classes) fp32 logits."""
         images = images.to(self.device, self.input_dtype)
-        if self.precision == "bf16-autocast":
-            with torch.autocast(self.device.type, dtype=torch.bfloat16):
-                return self.run(images).float()
-        return self.run(images).float()
+        with autocast(self.device, self.precision):
+            return self.run(images).float()
 
     def train(self, mode: bool = True) -> InferenceModel:
         if mode:

@@ -12,10 +12,10 @@ from vitkit.data.image_folder import ImageFolderDataset, collate_skip_none
 from vitkit.data.registry import DATASETS, load_dataset
 from vitkit.data.splits import DataSplits, stratified_split
 from vitkit.data.tensor_dataset import ImageTensorDataset
-from vitkit.data.transforms import batch_mixer, eval_transform, train_transform
+from vitkit.data.transforms import Transformed, batch_mixer, eval_transform, train_transform
 
 __all__ = [
     "DATASETS", "BadImageError", "DataFileError", "DataSplits", "DatasetNotFoundError", "ImageFolderDataset",
     "ImageTensorDataset", "batch_mixer", "collate_skip_none", "eval_transform", "load_dataset", "load_image",
-    "stratified_split", "train_transform",
+    "stratified_split", "train_transform", "Transformed",
 ]

@@ -45,10 +45,3 @@ class BatchAugment:
             flipped = torch.rand(b, generator=generator) < 0.5
             x = torch.where(flipped[:, None, None, None], x.flip(-1), x)
         return (x - self.mean) / self.std
-
-
-def normalise(images: torch.Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (B, C, H, W) -> float, scaled to [0, 1] and normalised per channel."""
-    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (images.float() / 255.0 - m) / s

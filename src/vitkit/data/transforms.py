@@ -8,9 +8,10 @@ come from torch's global generator, so `torch.manual_seed(s)` before a call fixe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
+from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
 from vitkit.data.size import hw
@@ -112,3 +113,21 @@ def batch_mixer(num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float 
     if not mixers:
         return None
     return mixers[0] if len(mixers) == 1 else v2.RandomChoice(mixers)
+
+
+class Transformed(Dataset):
+    """Wraps a dataset of (uint8 image, label) with a deterministic (evaluation) transform."""
+
+    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
+        self.base = base
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        sample = self.base[index]
+        if sample is None:  # an unreadable image the dataset skipped
+            return None
+        image, label = sample
+        return self.transform(image), label

@@ -23,6 +23,15 @@ from vitkit.model.pos_embed import INTERPOLATION_MODES, resample_pos_embed
 POOLS = ("cls", "gap")
 
 
+def check_image_size(size: tuple[int, int], patch_size: int, what: str = "image size") -> None:
+    """Refuse an (H, W) that the patch size does not divide, suggesting the nearest multiples."""
+    h, w = size
+    if h % patch_size or w % patch_size:
+        nearest = sorted({patch_size * max(1, round(side / patch_size)) for side in (h, w)})
+        raise ValueError(f"{what} {h}x{w} is not divisible by the patch size {patch_size}: use a multiple of "
+                         f"{patch_size} (e.g. {', '.join(map(str, nearest))})")
+
+
 @dataclass
 class ViTConfig:
     """Everything needed to rebuild a ViT; stored next to saved weights."""
@@ -68,12 +77,7 @@ class ViTConfig:
             raise ValueError(f"num_classes must be an integer >= 0 (0 = no head), got {self.num_classes!r}")
         if len(self.img_size) != 2 or min(self.img_size) < 1:
             raise ValueError(f"img_size must be a positive int or (H, W), got {self.img_size!r}")
-        for side in self.img_size:
-            if side % self.patch_size:
-                raise ValueError(
-                    f"image size {self.img_size[0]}x{self.img_size[1]} is not divisible by the patch size "
-                    f"{self.patch_size}: choose an image size that is a multiple of {self.patch_size}"
-                )
+        check_image_size(self.img_size, self.patch_size)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in POOLS:
@@ -127,11 +131,7 @@ class PatchEmbed(nn.Module):
                 f"the model takes {self.in_chans}-channel images but got {c} channels (input shape "
                 f"{tuple(x.shape)}); convert the images or build the model with in_chans={c}"
             )
-        p = self.patch_size
-        if h % p or w % p:
-            raise ValueError(
-                f"image size {h}x{w} is not divisible by the patch size {p}: resize or crop to a multiple of {p}"
-            )
+        check_image_size((h, w), self.patch_size)
         x = self.proj(x)  # (B, D, gh, gw)
         grid = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
@@ -302,7 +302,8 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """The official initialisation: see DESIGN.md."""
+        """The official initialisation (Flax ViT): position embedding normal(0.02), class token zero, LeCun-normal
+        patch projection, xavier-uniform linear layers with biases normal(1e-6), zero head."""
         nn.init.normal_(self.pos_embed, std=0.02)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
@@ -385,12 +386,23 @@ class ViT(nn.Module):
         x = self._tokens(patches, grid)
         if self.training and self.cfg.patch_dropout > 0:
             x = self._drop_patches(x, patch_noise)  # (B, P + K, D)
-        for block in self.blocks:
+        return self._run_blocks(x).tokens
+
+    def _run_blocks(self, x: torch.Tensor, keep: frozenset[int] = frozenset(),
+                    attention: bool = False) -> Intermediates:
+        """(B, T, D) tokens through every block and the final norm, keeping the outputs of the blocks in `keep`
+        (and their attention weights if `attention`)."""
+        hidden, attns = [], []
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, _ = checkpoint(block, x, use_reentrant=False)
+                x, attn = checkpoint(block, x, attention and i in keep, use_reentrant=False)
             else:
-                x, _ = block(x)
-        return self.norm(x)
+                x, attn = block(x, need_weights=attention and i in keep)
+            if i in keep:
+                hidden.append(x)
+                if attention:
+                    attns.append(attn)
+        return Intermediates(self.norm(x), hidden, attns)
 
     def forward_features(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None) -> torch.Tensor:
         """(B, C, H, W) images -> (B, T, D) tokens after the final norm (`patch_noise`: see `encode`)."""
@@ -402,7 +414,8 @@ class ViT(nn.Module):
     ) -> Intermediates:
         """Run the encoder and keep the outputs (and, if asked, attention weights) of some blocks.
 
-        `blocks` are indices into the encoder (negative counts from the end); None means all.
+        `blocks` are indices into the encoder (negative counts from the end); None means all. Every patch
+        token goes through (no PatchDropout), so the maps cover the whole grid.
         """
         depth = len(self.blocks)
         wanted = range(depth) if blocks is None else blocks
@@ -412,15 +425,7 @@ class ViT(nn.Module):
                 raise ValueError(f"block index {i} is out of range for a {depth}-block encoder")
             keep.add(i % depth)
         patches, grid = self.embed_patches(x)
-        h = self._tokens(patches, grid)
-        hidden, attns = [], []
-        for i, block in enumerate(self.blocks):
-            h, attn = block(h, need_weights=attention and i in keep)
-            if i in keep:
-                hidden.append(h)
-                if attention:
-                    attns.append(attn)
-        return Intermediates(self.norm(h), hidden, attns)
+        return self._run_blocks(self._tokens(patches, grid), frozenset(keep), attention)
 
     # ---- head ----
 

@@ -5,9 +5,7 @@ Each field's docstring becomes its `--help` text; configs/*.yaml files are dumps
 
 from __future__ import annotations
 
-import math
-import types
-import typing
+import copy
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -32,16 +30,14 @@ class ModelOptions:
     representation_size: int | None = None
     """Width of a tanh pre-logits layer (None: none)."""
     dropout: float = 0.0
+    """Dropout rate after the position embedding, in the MLPs and after the attention projection."""
     attn_dropout: float = 0.0
+    """Dropout rate on the attention probabilities."""
     drop_path: float = 0.0
     """Stochastic depth rate of the last block."""
     patch_dropout: float = 0.5
     """Fraction of patch tokens left out at random per training image (PatchDropout; timm's patch_drop_rate).
-    A step then costs less; evaluation sees every token. 0.5 for the Fashion-MNIST recipe: with 25 of 50 tokens
-    the training steps ran about 1.8x faster (median 1,916 against 1,071 images/s), and the epochs that buys
-    beat the lost tokens. Test accuracy in about half an hour: 91.79% at 0.0 (32 epochs), 92.37% at 0.25
-    (41 epochs), 92.31% at 0.5 (46 epochs, 23.3 min), 92.71/92.74% at 0.5 (56 epochs, 27.2/27.0 min, seeds
-    0/1) (docs/results/fashion_mnist_default_*). Set 0 when fine-tuning unless you mean it."""
+    A step then costs less; evaluation sees every token. `vitkit finetune` sets 0."""
 
     def overrides(self) -> dict:
         d = asdict(self)
@@ -94,9 +90,7 @@ class DataOptions:
     crop: Literal["pad", "inception", "none"] = "pad"
     """Random crop: 'pad' (pad then crop back), 'inception' (random resized crop), or none."""
     pad: int = 1
-    """Padding of the 'pad' crop, in pixels: shifts of up to this many. 1 for the Fashion-MNIST recipe, where at
-    32 epochs 2 left the model underfitting (test 91.06/90.79% over two seeds) and 0 let it overfit (train 98.4%,
-    test 90.09%); 1 gave 91.47/91.03% over two seeds (docs/results/fashion_mnist_default_2026-11-24_*)."""
+    """Padding of the 'pad' crop, in pixels: random shifts of up to this many."""
     flip: bool = True
     """Random horizontal flip."""
     randaugment: int = 0
@@ -118,13 +112,13 @@ class OptimOptions:
     """Optimiser, schedule and regularisation."""
 
     optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    """adamw (decoupled weight decay), adam (weight decay added to the gradient) or sgd (with momentum)."""
     lr: float = 7.5e-4
-    """Peak learning rate (for the effective batch size). 7.5e-4 for the Fashion-MNIST recipe: over 32 epochs
-    1.5e-3 gave 91.47/91.03% test (val 91.6/91.7), 7.5e-4 91.79% (val 91.78), 5e-4 91.31% (val 91.92):
-    differences of the size of the seed-to-seed spread (docs/results/fashion_mnist_default_*)."""
+    """Peak learning rate (for the effective batch size), reached after the warm-up."""
     weight_decay: float = 0.05
     """Decoupled weight decay; never applied to biases, norms, position embedding or class token."""
     betas: tuple[float, float] = (0.9, 0.999)
+    """Adam's decay rates of the gradient's first and second moments."""
     momentum: float = 0.9
     """SGD momentum."""
     batch_size: int = 128
@@ -132,8 +126,7 @@ class OptimOptions:
     accumulate: int = 1
     """Split each step into this many micro-batches (for batches that do not fit in memory)."""
     epochs: float = 56.0
-    """Training length in epochs (fractions allowed). 56 for the Fashion-MNIST recipe: what fits in 30 minutes on
-    2 CPU cores with patch_dropout 0.5."""
+    """Training length in epochs (fractions allowed); the schedule spans them all."""
     warmup: float = 0.03
     """Linear warm-up: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -141,6 +134,7 @@ class OptimOptions:
     clip_grad: float | None = 1.0
     """Clip the global gradient norm to this (None: no clipping)."""
     label_smoothing: float = 0.1
+    """Weight of the uniform distribution mixed into the one-hot targets."""
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (e.g. 0.999; 0: off). Evaluated and saved when on."""
 
@@ -152,12 +146,13 @@ class RunOptions:
     out: str = "runs/fashion-mnist"
     """Run directory: config, metrics, TensorBoard logs, plots and checkpoints."""
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    """bf16: autocast matmuls to bfloat16 (1.5-1.9x faster steps on CPUs with AVX-512 BF16 or AMX, and on
-    GPUs); 'auto': bf16 where the CPU or GPU computes bf16 natively, else fp32."""
+    """Seeds the initialisation, the data order and every augmentation and random draw."""
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    """bf16-mixed: fp32 weights, matmuls autocast to bfloat16; fp32; auto: bf16-mixed where the CPU (AVX-512
+    BF16 or AMX) or GPU computes bf16 natively, else fp32."""
     compile: Literal["auto"] | bool = "auto"
-    """torch.compile the model (about 45 s to compile on a CPU, then about 1.2x faster steps); 'auto':
-    compile runs of at least 3000 steps, where that pays back."""
+    """torch.compile the training step (a compilation of tens of seconds first); auto: compile runs of at least
+    3000 steps."""
     device: str = "auto"
     """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'."""
     resume: bool = False
@@ -167,11 +162,13 @@ class RunOptions:
     checkpoint_every: int = 500
     """Write a resumable checkpoint every this many steps (and at each epoch end)."""
     keep_checkpoints: int = 2
+    """How many of the newest checkpoints to keep."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
     log_every: int = 50
     """Write the training loss, accuracy, learning rate and speed every this many steps (averaged over them)."""
     tensorboard: bool = True
+    """Mirror the metrics to TensorBoard event files in <out>/tensorboard."""
     progress: bool = True
     """Show a progress bar."""
     max_steps: int | None = None
@@ -191,57 +188,40 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> TrainConfig:
-        """The inverse of to_dict (as read back from a run's config.yaml); unknown keys are errors."""
-        groups = {"model": ModelOptions, "init": InitOptions, "data": DataOptions, "optim": OptimOptions,
-                  "run": RunOptions}
+        """The inverse of to_dict (as read back from a run's config.yaml), type-checked by the same jsonargparse
+        machinery as the command line: unknown keys and values of the wrong type are errors."""
+        from jsonargparse import ArgumentParser
+
+        sections = list(cls.__dataclass_fields__)
         if not isinstance(d, dict):
-            raise ValueError(f"a config is a mapping of sections {sorted(groups)}, got {repr(d)[:80]}")
-        unknown = sorted(map(str, set(d) - set(groups)))
+            raise ValueError(f"a config is a mapping of sections {sections}, got {repr(d)[:80]}")
+        unknown = sorted(map(str, set(d) - set(sections)))
         if unknown:
-            raise ValueError(f"unknown config sections {unknown}; expected {sorted(groups)}")
-        built = {}
-        for key, kind in groups.items():
-            values = d.get(key) or {}
-            if not isinstance(values, dict):
-                raise ValueError(f"config section {key!r} must be a mapping of options, got {values!r}")
-            values = dict(values)
-            bad = sorted(set(map(str, values)) - set(kind.__dataclass_fields__))
-            if bad:
-                raise ValueError(f"unknown {key} option(s) {bad}")
-            if isinstance(values.get("betas"), list):
-                values["betas"] = tuple(values["betas"])
-            hints = typing.get_type_hints(kind)
-            for name, value in values.items():
-                if not _fits(value, hints[name]):
-                    raise ValueError(f"{key}.{name} = {value!r} does not fit its type {_describe(hints[name])}")
-            built[key] = kind(**values)
-        return cls(**built)
+            raise ValueError(f"unknown config sections {unknown}; expected {sections}")
+        run = d.get("run")
+        if isinstance(run, dict) and run.get("precision") == "bf16":
+            # Runs written before the precision vocabulary was unified called bf16-mixed "bf16".
+            d = {**d, "run": {**run, "precision": "bf16-mixed"}}
+        parser = ArgumentParser(exit_on_error=False)
+        parser.add_class_arguments(cls, None)
+        try:
+            built = parser.instantiate(parser.parse_object(copy.deepcopy(d)))
+        except Exception as err:  # jsonargparse's message names the key and the type it expected
+            raise ValueError(" ".join(str(err).split())[:400] or repr(err)) from err
+        return cls(**{name: built[name] for name in sections})
 
 
-def _fits(value, hint) -> bool:
-    """Whether a value read from YAML fits a field's type (ints are accepted where floats are)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_fits(value, a) for a in args)
-    if origin is Literal:
-        return any(value == a and type(value) is type(a) for a in args)
-    if origin is tuple:
-        return isinstance(value, tuple) and len(value) == len(args) and all(map(_fits, value, args))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    raise TypeError(f"no check for type {hint}")
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """`vitkit finetune`'s options: a training run that starts from pretrained weights, or a sweep of them."""
 
+    sweep: float | list[float] | None = None
+    """Fine-tune once per learning rate, e.g. [0.001,0.003,0.01,0.03] (the paper's), each in <run.out>/lr-<lr>,
+    and keep the run with the best validation top-1."""
 
-def _describe(hint) -> str:
-    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+    def training(self) -> TrainConfig:
+        """The options of one training run (without the sweep)."""
+        return TrainConfig(self.model, self.init, self.data, self.optim, self.run)
 
 
 def finetune_defaults() -> TrainConfig:

@@ -40,6 +40,23 @@ class Distributed:
         dist.all_reduce(t)
         return t.tolist()
 
+    def broadcast_parameters(self, params) -> None:
+        """Every process takes rank 0's values of `params` (what DDP does for the model's own at construction)."""
+        if not self.enabled:
+            return
+        with torch.no_grad():
+            for param in params:
+                dist.broadcast(param.data, src=0)
+
+    def average_gradients(self, params) -> None:
+        """Average the gradients of `params` over all processes (what DDP does for the model's own)."""
+        if not self.enabled:
+            return
+        for param in params:
+            if param.grad is not None:
+                dist.all_reduce(param.grad)
+                param.grad /= self.world_size
+
     def broadcast_flag(self, flag: bool) -> bool:
         """Rank 0's value of `flag` on every process."""
         if not self.enabled:

@@ -9,13 +9,15 @@ from torch import nn
 
 # Parameters that carry no weight decay: biases, norm scales, and the learned embeddings that
 # are positions or a single token rather than a projection.
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token")
+_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "mask_embedding")
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two groups: matrices with weight decay; biases, norms, position embedding, class token without."""
+def parameter_groups(modules: nn.Module | list[nn.Module], weight_decay: float) -> list[dict]:
+    """Two groups: matrices with weight decay; biases, norms, position embedding, class and mask tokens without."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    modules = modules if isinstance(modules, list) else [modules]
+    named = [item for module in modules for item in module.named_parameters()]
+    for name, param in named:
         if not param.requires_grad:
             continue
         if param.ndim < 2 or any(key in name for key in _NO_DECAY_NAMES):
@@ -29,7 +31,7 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(
-    model: nn.Module,
+    model: nn.Module | list[nn.Module],
     name: str,
     lr: float,
     weight_decay: float = 0.0,

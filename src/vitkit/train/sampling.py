@@ -7,10 +7,12 @@ augmentations the uninterrupted run saw, whatever the number of loader workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Sampler
+
+from vitkit.data import Transformed
 
 _MIX = 0x9E3779B97F4A7C15  # 64-bit golden-ratio constant: spreads nearby seeds apart
 
@@ -49,24 +51,6 @@ class EpochBatches(Sampler[list[tuple[int, int]]]):
         for b in range(self.start, len(self.order) // bs):
             positions = range(b * bs, (b + 1) * bs)
             yield [(int(self.order[p]), derive_seed(self.seed, self.epoch, p)) for p in positions]
-
-
-class Transformed(Dataset):
-    """Wraps a dataset of (uint8 image, label) with a deterministic (evaluation) transform."""
-
-    def __init__(self, base: Dataset, transform: Callable[[torch.Tensor], torch.Tensor]):
-        self.base = base
-        self.transform = transform
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int):
-        sample = self.base[index]
-        if sample is None:  # an unreadable image the dataset skipped
-            return None
-        image, label = sample
-        return self.transform(image), label
 
 
 class SeededAugment(Transformed):

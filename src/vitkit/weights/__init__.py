@@ -11,13 +11,13 @@ from vitkit.weights.files import read_weights, unwrap_state_dict
 from vitkit.weights.formats import FORMATS, detect_format
 from vitkit.weights.hf import from_hf
 from vitkit.weights.infer import infer_config
-from vitkit.weights.load import LoadReport, load_model, load_weights
+from vitkit.weights.load import LoadReport, load_model, load_pretrained, load_weights
 from vitkit.weights.official import export_npz, from_official, to_official
-from vitkit.weights.safetensors_io import CONFIG_KEY, save_weights
+from vitkit.weights.safetensors_io import CONFIG_KEY, PREPROCESS_KEY, save_weights
 from vitkit.weights.timm import from_timm
 
 __all__ = [
-    "CONFIG_KEY", "FORMATS", "Converted", "LoadReport", "WeightsError", "detect_format", "export_npz", "from_hf",
-    "from_official", "from_timm", "infer_config", "load_model", "load_weights", "read_weights", "save_weights",
-    "to_official", "to_vitkit", "unwrap_state_dict",
+    "CONFIG_KEY", "FORMATS", "PREPROCESS_KEY", "Converted", "LoadReport", "WeightsError", "detect_format",
+    "export_npz", "from_hf", "from_official", "from_timm", "infer_config", "load_model", "load_pretrained",
+    "load_weights", "read_weights", "save_weights", "to_official", "to_vitkit", "unwrap_state_dict",
 ]

@@ -20,7 +20,8 @@ from vitkit.model import ViT, ViTConfig, resample_pos_embed
 from vitkit.weights.convert import to_vitkit
 from vitkit.weights.errors import WeightsError
 from vitkit.weights.files import read_weights, unwrap_state_dict
-from vitkit.weights.safetensors_io import CONFIG_KEY
+from vitkit.weights.infer import infer_config
+from vitkit.weights.safetensors_io import CONFIG_KEY, PREPROCESS_KEY
 
 Source = str | os.PathLike | dict
 
@@ -95,6 +96,31 @@ def load_model(path: str | os.PathLike, *, reset_head: bool = False, **overrides
     return model
 
 
+def load_pretrained(path: str | os.PathLike, heads: int | None = None) -> tuple[ViT, dict]:
+    """The model in a weights file of any format vitkit reads, and the preprocessing stored with it.
+
+    vitkit files carry their config; timm, HF and official weights get one inferred from their shapes
+    (`heads` is needed when it is not the paper's for that size and the layout does not keep heads apart).
+    The preprocessing dict (dataset, mean, std, class_names) is empty for weights not written by `vitkit train`.
+    """
+    state, metadata = read_weights(path)
+    if CONFIG_KEY in metadata:
+        cfg = _stored_config(metadata, str(path))
+    else:
+        state = unwrap_state_dict(state)
+        try:
+            cfg = infer_config(state, heads=heads)
+        except WeightsError as err:
+            raise WeightsError(f"{path}: {err} (on the command line: --model.heads N)") from err
+    model = ViT(cfg)
+    _load(model, state, metadata, reset_head=False, strict=True)
+    try:
+        preprocess = json.loads(metadata.get(PREPROCESS_KEY, "{}"))
+    except ValueError as err:
+        raise WeightsError(f"{path}: the stored {PREPROCESS_KEY!r} is not valid JSON ({err})") from err
+    return model, preprocess
+
+
 def _stored_config(metadata: dict[str, str], origin: str) -> ViTConfig:
     try:
         return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
@@ -154,7 +180,7 @@ def _fit_head(model: ViT, sd: dict[str, torch.Tensor], reset_head: bool, report:
         rep = theirs["pre_logits.fc.weight"][0]
         raise WeightsError(
             f"the weights have a pre-logits layer of size {rep} that the model lacks: build the model with "
-            f"representation_size={rep}, or pass reset_head=True (CLI: --reset-head) to drop it with the head, "
+            f"representation_size={rep}, or pass reset_head=True to drop it with the head, "
             "as fine-tuning does"
         )
     their_head = {k: s for k, s in theirs.items() if k.startswith("head.")}
@@ -166,7 +192,7 @@ def _fit_head(model: ViT, sd: dict[str, torch.Tensor], reset_head: bool, report:
         fresh = f" and start from a zero-initialised one for {cfg.num_classes} classes" if cfg.num_classes else ""
         raise WeightsError(
             f"the weights have {describe(their_head)} but the model has {describe(our_head)}: pass "
-            f"reset_head=True (CLI: --reset-head) to drop the weights' head{fresh}, or build the model with the "
+            f"reset_head=True to drop the weights' head{fresh}, or build the model with the "
             "weights' num_classes"
         )
 

@@ -1,6 +1,6 @@
 """The official JAX/Flax checkpoints (.npz, Flax parameter names) <-> vitkit, both ways.
 
-Layouts read (see DESIGN.md): the classic one of the paper's release
+Layouts read: the classic one of the paper's release
 (`Transformer/encoderblock_{i}/MultiHeadDotProductAttention_1`, `LayerNorm_2`, `MlpBlock_3`,
 `Transformer/posembed_input/pos_embedding` with a class-token row), the same nested under
 `opt/target/` (AugReg), and big_vision's (`params/`, `MultiHeadDotProductAttention_0`, `LayerNorm_1`,

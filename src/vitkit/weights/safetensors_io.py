@@ -16,6 +16,9 @@ from vitkit.weights.errors import WeightsError
 CONFIG_KEY = "vitkit_config"
 """Metadata key holding the model's ViTConfig as JSON; `load_model` rebuilds the model from it."""
 
+PREPROCESS_KEY = "vitkit_preprocess"
+"""Metadata key holding, as JSON, how `vitkit train` fed the images: dataset, mean, std and class names."""
+
 
 def save_weights(model: torch.nn.Module, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> Path:
     """Write `model`'s weights to a .safetensors file, atomically, with its config in the metadata.

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -11,7 +10,6 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from vitkit.data import collate_skip_none
-from vitkit.train.metrics import confusion_matrix, topk_correct
 
 
 @dataclass
@@ -26,13 +24,17 @@ class EvalResult:
         return {"loss": self.loss, "top1": self.top1, "top5": self.top5, "count": self.count}
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on the device when asked; fp32 otherwise."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    if precision != "fp32":
-        raise ValueError(f"unknown precision {precision!r}: choose fp32 or bf16")
-    return contextlib.nullcontext()
+def topk_correct(logits: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = (1, 5)) -> dict[int, int]:
+    """Number of samples whose label is among the k highest logits, for each k (capped at the class count)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (B, kmax)
+    hits = top == labels[:, None]
+    return {k: int(hits[:, :k].any(dim=1).sum()) for k in ks}
+
+
+def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(num_classes, num_classes) counts: row = true class, column = predicted class."""
+    flat = labels.long() * num_classes + predictions.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
 
 
 @torch.no_grad()
@@ -41,11 +43,14 @@ def evaluate(
     dataset: Dataset,
     num_classes: int,
     device: torch.device,
-    precision: str = "fp32",
     batch_size: int = 500,
     num_workers: int = 0,
 ) -> EvalResult:
-    """Mean loss, top-1 and top-5 accuracy (fractions) and confusion matrix of `model` on `dataset`."""
+    """Mean loss, top-1 and top-5 accuracy (fractions) and confusion matrix of `model` on `dataset`.
+
+    `model` is any callable module from images to logits: a ViT (call this under `vitkit.runtime.autocast`
+    for bf16-mixed), or an `InferenceModel` that runs its own precision.
+    """
     was_training = model.training
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -56,9 +61,7 @@ def evaluate(
         if batch is None:
             continue
         images, labels = batch[0].to(device), batch[1].to(device)
-        with autocast(device, precision):
-            logits = model(images)
-        logits = logits.float()
+        logits = model(images).float()
         loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
         hits = topk_correct(logits, labels, (1, 5))
         correct1 += hits[1]

@@ -1,0 +1,53 @@
+"""The model a training run starts from: a random initialisation, or pretrained weights adapted to the data."""
+
+from __future__ import annotations
+
+from vitkit.model import ViT, ViTConfig, adapt_for_finetune, check_image_size, create_model, freeze_backbone
+from vitkit.train.config import InitOptions, ModelOptions, TrainConfig
+from vitkit.weights import load_pretrained
+
+
+def build_model(cfg: TrainConfig, num_classes: int, image_size: tuple[int, int], in_chans: int) -> ViT:
+    """A new model for the run: the pretrained weights adapted for fine-tuning, or a random initialisation."""
+    if cfg.init.weights:
+        return model_for_finetune(cfg.init, cfg.model, num_classes, image_size, in_chans)
+    if cfg.init.freeze:
+        raise ValueError("--init.freeze needs pretrained weights (--init.weights): a random backbone is not "
+                         "worth freezing")
+    if cfg.model.name is None:
+        raise ValueError("--model.name is needed to train from scratch (e.g. 'Ti/4'); it may be left unset only "
+                         "when fine-tuning from --init.weights")
+    return create_model(cfg.model.name, img_size=image_size, in_chans=in_chans, num_classes=num_classes,
+                        **cfg.model.overrides())
+
+
+def check_architecture(pretrained: ViTConfig, options: ModelOptions, source: str) -> None:
+    """Refuse model options that contradict the pretrained weights (fine-tuning keeps their architecture)."""
+    given = options.architecture()
+    clashes = [f"{key} {value} (the weights have {getattr(pretrained, key)})"
+               for key, value in given.items() if getattr(pretrained, key) != value]
+    if clashes:
+        raise ValueError(
+            f"{source} holds a {pretrained.name or 'ViT'} with patch size {pretrained.patch_size}, width "
+            f"{pretrained.width}, depth {pretrained.depth}, but the model options ask for {'; '.join(clashes)}. "
+            "Fine-tuning keeps the pretrained architecture: drop those --model options or choose matching weights.")
+
+
+def model_for_finetune(init: InitOptions, options: ModelOptions, num_classes: int, img_size: tuple[int, int],
+                       in_chans: int) -> ViT:
+    """The model `vitkit finetune` trains: `init.weights` adapted to the dataset (see adapt_for_finetune)."""
+    pretrained, _ = load_pretrained(init.weights, heads=options.heads)
+    cfg = pretrained.cfg
+    check_architecture(cfg, options, init.weights)
+    if options.representation_size is not None and not init.keep_pre_logits:
+        raise ValueError("--model.representation_size cannot add a pre-logits layer when fine-tuning; "
+                         "--init.keep_pre_logits keeps the pretrained one")
+    # Fine-tuning keeps the pretrained patch size, so the resolution must be a multiple of it.
+    check_image_size(img_size, cfg.patch_size, what="--resolution")
+    model = adapt_for_finetune(pretrained, num_classes, img_size=img_size, in_chans=in_chans,
+                               keep_pre_logits=init.keep_pre_logits, dropout=options.dropout,
+                               attn_dropout=options.attn_dropout, drop_path=options.drop_path,
+                               patch_dropout=options.patch_dropout)
+    if init.freeze:
+        freeze_backbone(model)
+    return model

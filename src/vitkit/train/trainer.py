@@ -1,0 +1,535 @@
+"""`vitkit train`: one training loop for every objective, with exact resume and torchrun.
+
+The loop in four parts: `set_up` (run directory, data, model, optimiser, and the state of an interrupted
+run), `train_step` (one optimiser step over micro-batches and processes), `_end_of_period` (evaluation and
+checkpoints) and `finish` (final weights, test evaluation, report). What is optimised is the objective's
+(vitkit.train.objective): supervised classification unless another is given. Fine-tuning is set-up only:
+the model starts from pretrained weights (vitkit.train.setup).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from vitkit import crash_points
+from vitkit.atomic import atomic_write_text
+from vitkit.data import Transformed, batch_mixer, collate_skip_none, eval_transform, load_dataset, train_transform
+from vitkit.data.batch_augment import BatchAugment
+from vitkit.plots import plot_curves
+from vitkit.runtime import autocast, resolve_device, resolve_precision
+from vitkit.train import distributed
+from vitkit.train.checkpoint import Position, last_checkpoint, load_training_state, save_checkpoint, set_rng_state
+from vitkit.train.compile import compile_for_training, resolve_compile
+from vitkit.train.config import TrainConfig
+from vitkit.train.distributed import local_device
+from vitkit.train.errors import TrainingError
+from vitkit.train.metrics import MetricsLog, read_metrics
+from vitkit.train.objective import Classification, Evaluation, Objective
+from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
+from vitkit.train.run_dir import check_run_dir, resumed_config, write_run_dir
+from vitkit.train.sampling import EpochBatches, SeededAugment, derive_seed
+from vitkit.train.setup import build_model
+from vitkit.weights import PREPROCESS_KEY, load_weights, save_weights
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    val: object | None
+    """The objective's result on the validation split at the end (an EvalResult for classification)."""
+    test: object | None
+    seconds: float
+    skipped_steps: int
+
+
+@dataclass
+class Run:
+    """Everything a run holds while it trains."""
+
+    cfg: TrainConfig
+    ctx: distributed.Distributed
+    device: torch.device
+    precision: str
+    objective: Objective
+    data: object
+    model: torch.nn.Module
+    forward: object
+    """The model as steps call it: data-parallel, compiled, in the run's precision."""
+    network: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    ema: AveragedModel | None
+    train_set: SeededAugment
+    fast_augment: BatchAugment | None
+    val_set: Transformed
+    test_set: Transformed
+    metadata: dict[str, str]
+    total_steps: int
+    steps_per_epoch: int
+    position: Position = field(default_factory=Position)
+    best_score: float = -math.inf
+    skipped_steps: int = 0
+    log: MetricsLog | None = None
+    val: Evaluation | None = None
+    progress: tqdm | None = None
+    start: float = 0.0
+    window: dict[str, float] = field(default_factory=dict)
+    """Sums over the steps since the last log record ("loss": the sum of the steps' mean losses)."""
+    window_steps: int = 0
+    window_start: float = 0.0
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run.out)
+
+    @property
+    def stop_at(self) -> int:
+        return min(self.total_steps, self.cfg.run.max_steps) if self.cfg.run.max_steps else self.total_steps
+
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+
+def validate(cfg: TrainConfig) -> None:
+    o = cfg.optim
+    if o.batch_size < 1:
+        raise ValueError(f"--optim.batch_size must be at least 1, got {o.batch_size}")
+    if o.accumulate < 1 or o.batch_size % o.accumulate:
+        raise ValueError(f"--optim.accumulate {o.accumulate} must be >= 1 and divide the batch size {o.batch_size}")
+    if not o.epochs > 0:
+        raise ValueError(f"--optim.epochs must be positive, got {o.epochs}")
+    if not 0 <= o.label_smoothing < 1:
+        raise ValueError(f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
+    if not 0 <= o.ema < 1:
+        raise ValueError(f"--optim.ema must be in [0, 1) (0 turns it off), got {o.ema}")
+    if o.clip_grad is not None and o.clip_grad <= 0:
+        raise ValueError(f"--optim.clip_grad must be positive or null, got {o.clip_grad}")
+    for name in ("checkpoint_every", "log_every"):
+        if getattr(cfg.run, name) < 1:
+            raise ValueError(f"--run.{name} must be at least 1, got {getattr(cfg.run, name)}")
+    if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
+        raise ValueError(f"--run.max_steps must be at least 1, got {cfg.run.max_steps}")
+    if cfg.data.num_workers < 0:
+        raise ValueError(f"--data.num_workers must be >= 0, got {cfg.data.num_workers}")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def preprocess_metadata(data) -> dict[str, str]:
+    """What `predict` and `eval` need to feed the model images the way training did."""
+    info = {"dataset": data.name, "mean": list(data.mean), "std": list(data.std), "class_names": data.class_names}
+    return {PREPROCESS_KEY: json.dumps(info)}
+
+
+def classification(cfg: TrainConfig, data) -> Classification:
+    """The supervised objective `cfg` describes for `data` (label smoothing, mixup/CutMix)."""
+    num_classes = Classification().head_size(data)  # refuses a one-class dataset with the reason
+    return Classification(cfg.optim.label_smoothing, batch_mixer(num_classes, cfg.data.mixup, cfg.data.cutmix))
+
+
+def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
+    """Train as `cfg` says, for `objective` (default: classification as `cfg` describes it); under torchrun,
+    one process per device shares every batch."""
+    validate(cfg)
+    device = local_device(resolve_device(cfg.run.device))
+    ctx = distributed.setup(device)
+    try:
+        run = set_up(cfg, device, ctx, objective)
+        run.progress = tqdm(total=run.stop_at, initial=run.position.step, unit="step", dynamic_ncols=True,
+                            desc="train", disable=not (run.cfg.run.progress and ctx.is_main))
+        run.start = run.window_start = time.perf_counter()
+        run.model.train()
+        run.objective.train()
+        while run.position.step < run.stop_at:
+            _train_epoch(run)
+        return finish(run)
+    finally:
+        distributed.teardown(ctx)
+
+
+def _on_main_first(ctx: distributed.Distributed, action):
+    """Run `action` on rank 0 only; if it fails there, every rank raises (rank 0 its own error)."""
+    error, result = None, None
+    if ctx.is_main:
+        try:
+            result = action()
+        except (TrainingError, ValueError, OSError) as err:
+            error = err
+    if ctx.broadcast_flag(error is not None):
+        if error is not None:
+            raise error
+        raise TrainingError("rank 0 could not prepare the run directory; see its message")
+    return result
+
+
+# ---- set-up and resume ----
+
+def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
+           objective: Objective | None) -> Run:
+    """Everything a run needs, checked before anything is written: a bad option or file must not leave a
+    half-made run directory behind (or clear the run that --run.overwrite would replace)."""
+    if cfg.optim.batch_size % (ctx.world_size * cfg.optim.accumulate):
+        raise ValueError(f"--optim.batch_size {cfg.optim.batch_size} must divide evenly over {ctx.world_size} "
+                         f"process(es) x {cfg.optim.accumulate} accumulation step(s)")
+    checked = _on_main_first(ctx, lambda: check_run_dir(cfg))
+    if ctx.is_main:
+        cfg = checked
+    elif cfg.run.resume:
+        cfg = resumed_config(Path(cfg.run.out), cfg)
+    seed_everything(cfg.run.seed)
+    precision = resolve_precision(cfg.run.precision, device, training=True)
+    data, image_size = _load_data(cfg)
+    objective = objective if objective is not None else classification(cfg, data)
+    model = build_model(cfg, objective.head_size(data), image_size, data.in_chans).to(device)
+    objective.to(device)
+    train_set, fast_augment, val_set, test_set = _datasets(cfg, data, image_size)
+    run = _optimisation(cfg, ctx, device, precision, objective, data, model, train_set, fast_augment,
+                        val_set, test_set)
+    if not cfg.run.resume:
+        _on_main_first(ctx, lambda: write_run_dir(cfg))
+        if ctx.rank:
+            torch.manual_seed(derive_seed(cfg.run.seed, ctx.rank))  # dropout masks differ between ranks
+    else:
+        _restore(run)
+    _prepare_forward(run)
+    if ctx.is_main:
+        run.log = MetricsLog(run.run_dir, tensorboard=cfg.run.tensorboard,
+                             resume_step=run.position.step if cfg.run.resume else None)
+    return run
+
+
+def _load_data(cfg: TrainConfig):
+    d = cfg.data
+    data = load_dataset(d.dataset, data_dir=d.data_dir, download=d.download, seed=cfg.run.seed,
+                        on_bad_image=d.on_bad_image, image_size=d.image_size,
+                        **({"val_size": _count_or_fraction(d.val_size)} if d.val_size is not None else {}))
+    image_size = (d.image_size, d.image_size) if d.image_size else tuple(data.image_size)
+    return data, image_size
+
+
+def _datasets(cfg: TrainConfig, data, image_size: tuple[int, int]):
+    """(augmented training set, its batched fast path or None, validation set, test set)."""
+    d = cfg.data
+    augment = train_transform(data.mean, data.std, image_size, crop=d.crop, pad=d.pad, flip=d.flip,
+                              randaugment=d.randaugment, random_erasing=d.random_erasing)
+    evaluation = eval_transform(data.mean, data.std, image_size)
+    # In-memory datasets with the plain crop/flip augmentation take the batched path (same distribution).
+    fast_augment = None
+    if (hasattr(data.train, "images") and d.crop in ("pad", "none") and not d.randaugment
+            and not d.random_erasing and tuple(data.train.images.shape[-2:]) == tuple(image_size)):
+        fast_augment = BatchAugment(data.mean, data.std, pad=d.pad if d.crop == "pad" else 0, flip=d.flip)
+    return (SeededAugment(data.train, augment), fast_augment, Transformed(data.val, evaluation),
+            Transformed(data.test, evaluation))
+
+
+def _optimisation(cfg, ctx, device, precision, objective, data, model, train_set, fast_augment, val_set,
+                  test_set) -> Run:
+    """The run with its optimiser, schedule and weight average (EMA) over the model and the objective."""
+    o = cfg.optim
+    steps_per_epoch = len(data.train) // o.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"--optim.batch_size {o.batch_size} is larger than the training split "
+                         f"({len(data.train)} images): lower it")
+    total_steps = max(1, round(o.epochs * steps_per_epoch))
+    optimizer = build_optimizer([model, objective], o.optimizer, o.lr, o.weight_decay, o.betas, o.momentum)
+    scheduler = build_scheduler(optimizer, total_steps, warmup_steps(o.warmup, total_steps), o.schedule)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema)) if o.ema > 0 else None
+    return Run(cfg, ctx, device, precision, objective, data, model, None, model, optimizer, scheduler, ema,
+               train_set, fast_augment, val_set, test_set, preprocess_metadata(data), total_steps, steps_per_epoch)
+
+
+def _restore(run: Run) -> None:
+    """Continue from the run's last checkpoint: weights, optimiser, schedule, EMA, position and RNG state."""
+    found = last_checkpoint(run.run_dir)
+    if found is None:
+        if run.ctx.is_main:
+            print(f"resuming {run.run_dir}: no checkpoint yet, starting from the beginning")
+        return
+    weights_path, state_path = found
+    load_weights(run.model, weights_path)
+    state = load_training_state(state_path)
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    if "objective" in state:
+        run.objective.load_state_dict(state["objective"])
+    run.position = Position(**state["position"])
+    run.best_score, run.skipped_steps = state.get("best_val", -math.inf), state.get("skipped_steps", 0)
+    set_rng_state(state["rng"])
+    if run.ctx.rank:  # the saved RNG state is rank 0's; the others need streams of their own
+        torch.manual_seed(derive_seed(run.cfg.run.seed, run.ctx.rank, run.position.step))
+    if run.ctx.is_main:
+        p = run.position
+        print(f"resuming {run.run_dir} at step {p.step} (epoch {p.epoch + 1}, batch {p.batch})")
+
+
+def _prepare_forward(run: Run) -> None:
+    """Wrap the model as the steps call it: DDP (which broadcasts rank 0's parameters and averages gradients),
+    then torch.compile, then the run's autocast."""
+    r = run.cfg.run
+    run.network = torch.nn.parallel.DistributedDataParallel(run.model) if run.ctx.enabled else run.model
+    run.ctx.broadcast_parameters(run.objective.parameters())  # the objective's own, outside DDP
+    compiled = resolve_compile(r.compile, run.device, run.total_steps)
+    inner = compile_for_training(run.network) if compiled else run.network
+    device, precision = run.device, run.precision
+
+    def forward(*args, **kwargs):
+        with autocast(device, precision):
+            return inner(*args, **kwargs)
+
+    run.forward = forward
+    if run.ctx.is_main and (r.precision == "auto" or r.compile == "auto"):
+        print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
+              f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {run.total_steps} steps)")
+
+
+# ---- the steps ----
+
+def _train_epoch(run: Run) -> None:
+    """The rest of the current epoch's batches (or up to the run's last step)."""
+    p = run.position
+    for batch in _epoch_batches(run):
+        if batch is None:  # every image of the batch was unreadable and skipped
+            p.batch += 1
+            continue
+        sums = train_step(run, batch[0], batch[1])
+        _log_step(run, sums)
+        if p.batch >= run.steps_per_epoch or p.step == run.stop_at or p.step % run.cfg.run.checkpoint_every == 0:
+            _end_of_period(run)
+        if p.step >= run.stop_at:
+            return
+    if p.batch >= run.steps_per_epoch:  # the epoch ended on batches that were all skipped
+        p.epoch += 1
+        p.batch = 0
+
+
+def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """One optimiser step on this process's share of a global batch; returns the step's sums over all processes."""
+    cfg, ctx, device, p = run.cfg, run.ctx, run.device, run.position
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    images, targets = run.objective.mix(images, labels, derive_seed(cfg.run.seed, p.epoch, p.batch, ctx.rank, 0x313))
+    noise = _noise(run)
+    run.optimizer.zero_grad(set_to_none=True)
+    micro = cfg.optim.batch_size // ctx.world_size // cfg.optim.accumulate
+    chunks = range(0, len(images), micro)
+    sums: dict[str, float] = {}
+    for i, start in enumerate(chunks):
+        part = slice(start, start + micro)
+        x = images[part]
+        x_noise = None if noise is None else noise[start:start + len(x)].to(device)
+        # Gradients are averaged across processes once, on the last micro-batch.
+        last = i == len(chunks) - 1 or not ctx.enabled
+        with contextlib.nullcontext() if last else run.network.no_sync():
+            step = run.objective.loss(run.forward, x, targets[part], labels[part], x_noise)
+            (step.loss * len(x) / len(images)).backward()
+        for key, value in step.sums.items():
+            sums[key] = sums.get(key, 0.0) + value
+    sums = dict(zip(sums, ctx.sum(list(sums.values()))))
+    # DDP averaged the model's gradients in backward; the objective's own parameters are outside it.
+    ctx.average_gradients(run.objective.parameters())
+    _apply_gradients(run, sums["loss"] / sums["seen"])
+    run.scheduler.step()
+    p.step += 1
+    p.batch += 1
+    crash_points.reached("train.after_step")
+    return sums
+
+
+def _apply_gradients(run: Run, loss: float) -> None:
+    """Clip and apply the gradients, or, where the loss or gradient is not finite, skip the step or stop."""
+    params = [*run.model.parameters(), *run.objective.parameters()]
+    clip = run.cfg.optim.clip_grad
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, clip) if clip else _grad_norm(params)
+    if math.isfinite(loss) and math.isfinite(float(grad_norm)):
+        run.optimizer.step()
+        if run.ema is not None:
+            run.ema.update_parameters(run.model)
+        return
+    if run.cfg.run.on_nonfinite == "skip":
+        run.skipped_steps += 1
+        run.optimizer.zero_grad(set_to_none=True)
+        return
+    run.progress.close()
+    if run.log:
+        run.log.close()
+    found = last_checkpoint(run.run_dir)
+    kept = f"the last good checkpoint is {found[0]}" if found else "no checkpoint had been written yet"
+    what = "loss" if not math.isfinite(loss) else "gradient norm"
+    p = run.position
+    raise TrainingError(f"the {what} became non-finite at step {p.step + 1} (epoch {p.epoch + 1}); {kept}. "
+                        "Lower --optim.lr, keep --optim.clip_grad on, or use --run.on_nonfinite skip.")
+
+
+def _log_step(run: Run, sums: dict[str, float]) -> None:
+    """Add the step to the logging window; every log_every steps, log the window's averages."""
+    window, p = run.window, run.position
+    window["loss"] = window.get("loss", 0.0) + sums["loss"] / sums["seen"]
+    for key, value in sums.items():
+        if key != "loss":
+            window[key] = window.get(key, 0.0) + value
+    run.window_steps += 1
+    run.progress.update(1)
+    if not run.ctx.is_main or not (p.step % run.cfg.run.log_every == 0 or p.step == run.stop_at):
+        return
+    elapsed = time.perf_counter() - run.window_start
+    record = {**run.objective.train_metrics(window, run.window_steps),
+              "train/lr": run.scheduler.get_last_lr()[0],
+              "train/images_per_s": window["seen"] / max(elapsed, 1e-9),
+              "epoch": p.epoch + p.batch / run.steps_per_epoch}
+    run.log.log(record, p.step)
+    shown = {"loss": f"{record['train/loss']:.3f}"}
+    if "train/top1" in record:
+        shown["acc"] = f"{100 * record['train/top1']:.1f}%"
+    run.progress.set_postfix(**shown, img_s=f"{record['train/images_per_s']:.0f}")
+    run.window, run.window_steps, run.window_start = {}, 0, time.perf_counter()
+
+
+# ---- evaluation and checkpoints ----
+
+def _end_of_period(run: Run) -> None:
+    """At an epoch's end, the last step or a checkpoint step: evaluate (epoch ends and the last step), then
+    write a checkpoint. Every process waits for rank 0 here."""
+    p, main = run.position, run.ctx.is_main
+    epoch_done = p.batch >= run.steps_per_epoch
+    if main and (epoch_done or p.step == run.stop_at) and len(run.val_set):
+        with autocast(run.device, run.precision):
+            run.val = run.objective.evaluate(run.eval_model, run.val_set, run.device)
+        run.log.log({**{f"val/{k}": v for k, v in run.val.metrics.items()},
+                     "epoch": p.epoch + p.batch / run.steps_per_epoch}, p.step)
+        where = f"epoch {p.epoch + 1}" if epoch_done else f"step {p.step}"
+        run.progress.write(f"{where}: val {run.val.text}")
+        if run.val.score > run.best_score:
+            run.best_score = run.val.score
+            save_weights(run.eval_model, run.run_dir / "best.safetensors", metadata=run.metadata)
+    if epoch_done:
+        p.epoch += 1
+        p.batch = 0
+    if main:
+        write_checkpoint(run)
+    run.ctx.barrier()
+
+
+def write_checkpoint(run: Run) -> None:
+    state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+             "best_val": run.best_score, "skipped_steps": run.skipped_steps}
+    if run.ema is not None:
+        state["ema"] = run.ema.state_dict()
+    objective_state = run.objective.state_dict()
+    if objective_state:  # an objective's own parameters (a mask embedding, a prediction head)
+        state["objective"] = objective_state
+    save_checkpoint(run.run_dir, run.position, lambda path: save_weights(run.model, path, metadata=run.metadata),
+                    state, keep=run.cfg.run.keep_checkpoints)
+
+
+# ---- the end ----
+
+def finish(run: Run) -> TrainResult:
+    """Final weights, the test evaluation of a finished run, and the report (rank 0)."""
+    run.progress.close()
+    seconds = time.perf_counter() - run.start
+    p = run.position
+    if not run.ctx.is_main:
+        return TrainResult(run.run_dir, p.step, None, None, seconds, run.skipped_steps)
+    save_weights(run.eval_model, run.run_dir / "model.safetensors", metadata=run.metadata)
+    test = None
+    if p.step >= run.total_steps:
+        with autocast(run.device, run.precision):
+            test = run.objective.evaluate(run.eval_model, run.test_set, run.device)
+        run.log.log({f"test/{k}": v for k, v in test.metrics.items()}, p.step)
+    elif run.cfg.run.max_steps:
+        print(f"stopped at step {p.step} of {run.total_steps} (--run.max_steps); continue with --run.resume")
+    run.log.close()
+    _write_report(run, test, seconds)
+    return TrainResult(run.run_dir, p.step, run.val.result if run.val else None, test.result if test else None,
+                       seconds, run.skipped_steps)
+
+
+def _write_report(run: Run, test: Evaluation | None, seconds: float) -> None:
+    """results.json, the training curves and the objective's own plots; the list of skipped images."""
+    run_dir, data = run.run_dir, run.data
+    plots = run_dir / "plots"
+    plots.mkdir(exist_ok=True)
+    plot_curves(read_metrics(run_dir / "metrics.jsonl"), plots / "curves.png")
+    results = {"steps": run.position.step, "train_seconds_this_session": round(seconds, 1),
+               "skipped_steps": run.skipped_steps, **run.objective.report(run_dir, data, run.val, test)}
+    skipped = {}
+    for split in (data.train, data.val, data.test):
+        skipped.update(getattr(split, "skipped", None) or {})
+    if skipped:
+        atomic_write_text(run_dir / "skipped_images.txt",
+                          "".join(f"{path}\t{reason}\n" for path, reason in sorted(skipped.items())))
+        results["skipped_images"] = len(skipped)
+        print(f"skipped {len(skipped)} unreadable image(s); see {run_dir / 'skipped_images.txt'}")
+    atomic_write_text(run_dir / "results.json", json.dumps(results, indent=2) + "\n")
+    if test is not None:
+        print(f"test {test.text}; run directory {run_dir}")
+
+
+# ---- data order and random draws ----
+
+def _epoch_batches(run: Run):
+    """This process's share of the batches of the current epoch from its current batch on, as (images, labels).
+
+    All randomness is seeded by (seed, epoch, position), and each process takes every world_size-th
+    sample of the global batch with the augmentation the single-process run would give it.
+    """
+    seed, epoch, start, batch_size = run.cfg.run.seed, run.position.epoch, run.position.batch, run.cfg.optim.batch_size
+    sampler = EpochBatches(len(run.train_set), batch_size, seed, epoch, start=start)
+    share = slice(run.ctx.rank, None, run.ctx.world_size)
+    if run.fast_augment is not None:
+        images, labels = run.train_set.base.images, run.train_set.base.labels
+        for b in range(start, start + len(sampler)):
+            index = sampler.order[b * batch_size:(b + 1) * batch_size]
+            generator = torch.Generator().manual_seed(derive_seed(seed, epoch, b, 0xA06))
+            yield run.fast_augment(images[index], generator)[share], labels[index][share]
+        return
+    # Its own generator: creating a loader draws a seed, and that must not move the global RNG
+    # (which dropout uses), or a resumed run would drift from the uninterrupted one.
+    loader = DataLoader(run.train_set, batch_sampler=[batch[share] for batch in sampler],
+                        num_workers=run.cfg.data.num_workers, collate_fn=collate_skip_none,
+                        generator=torch.Generator().manual_seed(derive_seed(seed, epoch)))
+    yield from loader
+
+
+def _noise(run: Run) -> torch.Tensor | None:
+    """The objective's per-image noise for this step (this process's rows, (B / world_size, *shape)), or None.
+
+    Drawn for the whole global batch from (seed, epoch, batch) and shared out like the images, so an image
+    gets the same draw however the batch is split over processes and micro-batches, and on resume.
+    """
+    shape = run.objective.noise_shape(run.model)
+    if shape is None:
+        return None
+    p, ctx = run.position, run.ctx
+    generator = torch.Generator().manual_seed(derive_seed(run.cfg.run.seed, p.epoch, p.batch, 0x9A7C))
+    return torch.rand(run.cfg.optim.batch_size, *shape, generator=generator)[ctx.rank::ctx.world_size]
+
+
+def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+
+
+def _count_or_fraction(value: float) -> int | float:
+    return int(value) if value >= 1 else float(value)
