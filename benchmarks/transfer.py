@@ -149,7 +149,7 @@ def main() -> int:
     parser.add_argument("--targets", nargs="+", default=list(TARGETS), choices=list(TARGETS))
     parser.add_argument("--high-resolution", type=int, default=HIGH_RESOLUTION,
                         help="resolution of the higher-resolution fine-tune (a multiple of the patch size)")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "auto"],
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16-mixed", "auto"],
                         help="precision of every run (the published runs before 2026-11-24 used fp32)")
     args = parser.parse_args()
     HIGH_RESOLUTION, PRECISION = args.high_resolution, args.precision
