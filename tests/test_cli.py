@@ -12,7 +12,8 @@ VITKIT = Path(sys.executable).with_name("vitkit")
 
 
 @pytest.mark.parametrize("args", [["--help"], ["train", "--help"], ["finetune", "--help"], ["fewshot", "--help"],
-                                  ["eval", "--help"], ["predict", "--help"]])
+                                  ["eval", "--help"], ["predict", "--help"], ["inspect", "--help"],
+                                  ["export", "--help"]])
 def test_help_works_from_the_installed_script(args):
     assert VITKIT.exists(), f"console script missing at {VITKIT}: run `make setup`"
     done = subprocess.run([str(VITKIT), *args], capture_output=True, text=True, timeout=120)

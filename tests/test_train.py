@@ -188,9 +188,11 @@ def test_existing_run_is_not_overwritten_by_accident(tmp_path):
 def test_every_recipe_parses(recipe):
     first = recipe.read_text().splitlines()[0]
     assert first.startswith("# vitkit "), f"{recipe.name} must start with the command that runs it"
-    ns = build_parser().parse_args(["train", "--config", str(recipe)])
+    command = first.split()[2]
+    assert recipe.stem in available_presets(command)
+    ns = build_parser().parse_args([command, "--config", str(recipe)])
     init = build_parser().instantiate(ns)
-    assert isinstance(init.train.optim, OptimOptions)
+    assert isinstance(init[command].optim, OptimOptions)
 
 
 def test_default_recipe_file_equals_the_defaults():

@@ -1,13 +1,14 @@
 """`vitkit <command>`: each command is a plain function over one typed options dataclass.
 
 `COMMANDS` is the whole command line: a name, the function, its dataclass (whose field docstrings are the
-options' help texts), and the command's short forms. Every parser is built from that table the same way by
-jsonargparse, so `--config recipe.yaml` (or `--preset NAME`, a recipe packaged with vitkit) sets many options
-at once, and options given after it win.
+options' help texts), and the command's short forms, flags and several-valued options. Every parser is built
+from that table the same way by jsonargparse, so `--config recipe.yaml` (or `--preset NAME`, a recipe packaged
+with vitkit) sets many options at once, and options given after it win.
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,9 +17,11 @@ from pathlib import Path
 
 from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
+from vitkit.export import ExportOptions, export_weights
 from vitkit.fewshot import FewShotOptions, few_shot_eval
 from vitkit.inference import EvalOptions, PredictOptions, evaluate_weights, predict_images
-from vitkit.train.config import FinetuneConfig, TrainConfig, finetune_defaults
+from vitkit.inspection import InspectOptions, inspect_weights
+from vitkit.train.config import FinetuneConfig, PretrainConfig, TrainConfig, finetune_defaults, pretrain_defaults
 
 
 def train_command(cfg: TrainConfig) -> int:
@@ -42,6 +45,12 @@ def finetune_command(cfg: FinetuneConfig) -> int:
     return train_command(cfg.training())
 
 
+def pretrain_command(cfg: PretrainConfig) -> int:
+    """Pretrain a ViT without labels by masked patch prediction (the paper's self-supervision, appendix B.1.2);
+    the encoder is saved as ordinary weights for `vitkit finetune` and `vitkit fewshot`."""
+    return train_command(cfg)
+
+
 def fewshot_command(opts: FewShotOptions) -> int:
     """Few-shot linear evaluation of frozen representations: ridge regression on K images per class."""
     few_shot_eval(opts)
@@ -60,6 +69,19 @@ def predict_command(opts: PredictOptions) -> int:
     return 0
 
 
+def inspect_command(opts: InspectOptions) -> int:
+    """Inspect what weights learned: patch-embedding filters, position embeddings, attention distance, rollout."""
+    inspect_weights(opts)
+    return 0
+
+
+def export_command(opts: ExportOptions) -> int:
+    """Export weights to ONNX (dynamic batch, optionally dynamic size; checked in ONNX Runtime; optionally int8), the
+    official .npz layout or vitkit .safetensors."""
+    export_weights(opts)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     function: Callable[[object], int]
@@ -71,6 +93,10 @@ class Command:
     """Short forms of options (`--data` for `--data.dataset`); a value `--x=true` makes a flag."""
     positional: str | None = None
     """A list field taken from the positional arguments."""
+    flags: tuple[str, ...] = ()
+    """Boolean options that may also be given alone (`--explain` for `--explain true`)."""
+    several: tuple[str, ...] = ()
+    """List options that take several values after one option (`--images a.png b.png`)."""
 
 
 TRAINING_ALIASES = {"--data": "--data.dataset", "--weights": "--init.weights"}
@@ -79,9 +105,13 @@ COMMANDS: dict[str, Command] = {
     "train": Command(train_command, TrainConfig, aliases=TRAINING_ALIASES),
     "finetune": Command(finetune_command, FinetuneConfig, finetune_defaults,
                         {**TRAINING_ALIASES, "--resolution": "--data.image_size", "--freeze": "--init.freeze=true"}),
+    "pretrain": Command(pretrain_command, PretrainConfig, pretrain_defaults, TRAINING_ALIASES),
     "fewshot": Command(fewshot_command, FewShotOptions),
     "eval": Command(eval_command, EvalOptions),
-    "predict": Command(predict_command, PredictOptions, positional="images"),
+    "predict": Command(predict_command, PredictOptions, positional="images", flags=("--explain",)),
+    "inspect": Command(inspect_command, InspectOptions, several=("--images", "--analyses")),
+    "export": Command(export_command, ExportOptions, flags=("--dynamic", "--check", "--int8"),
+                      several=("--check_sizes",)),
 }
 
 
@@ -89,8 +119,10 @@ def presets_dir() -> Path:
     return Path(str(resources.files("vitkit") / "configs"))
 
 
-def available_presets() -> list[str]:
-    return sorted(p.stem for p in presets_dir().glob("*.yaml"))
+def available_presets(command: str = "train") -> list[str]:
+    """The packaged recipes of `command`: those whose first line is the command that runs them."""
+    return sorted(p.stem for p in presets_dir().glob("*.yaml")
+                  if p.read_text().startswith(f"# vitkit {command} "))
 
 
 class RecipeFile(ActionConfigFile):
@@ -98,10 +130,11 @@ class RecipeFile(ActionConfigFile):
 
     def __call__(self, parser, cfg, values, option_string=None):
         if option_string == "--preset":
-            path = presets_dir() / f"{values}.yaml"
-            if not path.exists():
-                raise ValueError(f"unknown preset {values!r}; the presets are {available_presets()}")
-            values = str(path)
+            command = parser.prog.split()[-1]
+            if values not in available_presets(command):
+                raise ValueError(f"unknown preset {values!r} for vitkit {command}; its presets are "
+                                 f"{available_presets(command)}")
+            values = str(presets_dir() / f"{values}.yaml")
         super().__call__(parser, cfg, values, option_string)
 
 
@@ -127,13 +160,58 @@ def expand_aliases(argv: list[str]) -> list[str]:
     return out
 
 
+def _is_option(arg: str) -> bool:
+    return arg.startswith("-") and arg != "-"
+
+
+def expand_values(argv: list[str]) -> list[str]:
+    """A command's flags and several-valued options written the way jsonargparse reads them.
+
+    A flag alone means true (`--explain` -> `--explain=true`; `--explain false` and `--explain=false` work too).
+    jsonargparse reads a list option from one YAML value (or `--images+ a.png --images+ b.png`), so the values
+    after a several-valued option become one list: `--images a.png b.png` -> `--images ["a.png", "b.png"]`.
+    ValueError for a several-valued option given no value.
+    """
+    command = COMMANDS.get(argv[0]) if argv else None
+    if command is None or not (command.flags or command.several):
+        return argv
+    out = [argv[0]]
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        i += 1
+        name, eq, value = arg.partition("=")
+        if name in command.flags and not eq:
+            value = "true"
+            if i < len(argv) and argv[i].lower() in ("true", "false"):
+                value = argv[i]
+                i += 1
+            out.append(f"{name}={value}")
+        elif name in command.several:
+            values = [value] if eq else []
+            while not eq and i < len(argv) and not _is_option(argv[i]):
+                values.append(argv[i])
+                i += 1
+            if not values:
+                raise ValueError(f"{name} needs at least one value, e.g. {name} A B")
+            already_a_list = len(values) == 1 and values[0].lstrip().startswith("[")
+            out += [name, values[0] if already_a_list else json.dumps(values)]
+        else:
+            out.append(arg)
+    return out
+
+
 def _command_parser(name: str, command: Command) -> ArgumentParser:
     summary = command.function.__doc__
     notes = []
     if command.aliases:
         notes.append("Short forms: " + ", ".join(f"{a} ({t.split('=')[0]})" for a, t in command.aliases.items()))
-    if command.options in (TrainConfig, FinetuneConfig):
-        notes.append(f"Presets (--preset): {', '.join(available_presets())}")
+    if command.flags:
+        notes.append("Alone, these mean true: " + ", ".join(command.flags))
+    if command.several:
+        notes.append("Several values after one option (--x A B ...): " + ", ".join(command.several))
+    if available_presets(name):
+        notes.append(f"Presets (--preset): {', '.join(available_presets(name))}")
     parser = ArgumentParser(prog=f"vitkit {name}", description=" ".join([summary, *(n + "." for n in notes)]))
     parser.add_argument("--config", "--preset", action=RecipeFile,
                         help="A YAML file of these options (--preset NAME: a recipe packaged with vitkit); "
@@ -163,7 +241,7 @@ def build_parser() -> ArgumentParser:
 def parse(argv: list[str]) -> tuple[Command, object]:
     """The command `argv` names, and its options dataclass filled from the command line."""
     parser = build_parser()
-    namespace = parser.parse_args(expand_aliases(argv))
+    namespace = parser.parse_args(expand_values(expand_aliases(argv)))
     name = namespace.command
     command = COMMANDS[name]
     built = parser.instantiate(namespace)[name]

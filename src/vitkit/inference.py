@@ -60,6 +60,11 @@ class PredictOptions(InferenceOptions):
     """How many classes to list per image."""
     images: list[str] = field(default_factory=list)
     """Image files (any size; resized as the model needs)."""
+    explain: bool = False
+    """Also write, for each image, the image with its attention-rollout overlay next to its top-k classes as a bar
+    chart, into --out."""
+    out: str | None = None
+    """Directory for the --explain figures, <image name>_explained.png."""
 
 
 def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
@@ -115,6 +120,10 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
         raise ValueError(f"--topk must be at least 1, got {opts.topk}")
     if not opts.images:
         raise ValueError("give at least one image file to classify")
+    if opts.explain and not opts.out:
+        raise ValueError("--explain writes a figure per image: give --out DIR, the directory to write them into")
+    if opts.explain and Path(opts.out).exists() and not Path(opts.out).is_dir():
+        raise ValueError(f"--out {opts.out} exists and is not a directory")
     device = resolve_device(opts.device)
     model, preprocess = load_for_inference(opts.weights, device)
     cfg = model.cfg
@@ -126,6 +135,7 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
     mode = "L" if cfg.in_chans == 1 else "RGB"
     runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
     results = []
+    taken: set[str] = set()
     for path in opts.images:
         image = transform(load_image(path, mode=mode)).unsqueeze(0).to(device)  # (1, C, H, W)
         probs = runner(image).softmax(-1)[0]
@@ -135,4 +145,37 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
         print(path)
         for name, p in ranked:
             print(f"  {100 * p:6.2f}%  {name}")
+        if opts.explain:
+            target = Path(opts.out) / explained_name(path, taken)
+            explain_prediction(model, image, probs, names, target, Path(path).name, opts.topk, mean, std)
+            print(f"  wrote {target}")
     return results
+
+
+def explained_name(path: str, taken: set[str]) -> str:
+    """`<stem>_explained.png` for the image file `path`, or `<stem>_2_explained.png`, `_3`, ... when an earlier image
+    took that name (kept in `taken`, which this adds to)."""
+    stem = Path(path).stem
+    name, n = f"{stem}_explained.png", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}_explained.png"
+    taken.add(name)
+    return name
+
+
+def explain_prediction(model: ViT, image: torch.Tensor, probs: torch.Tensor, class_names: list[str], target: Path,
+                       label: str, topk: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Write the figure of one prediction to `target`: the image (1, C, H, W) called `label`, its attention rollout
+    over it, and the bars of its `topk` classes (`probs` (classes,))."""
+    # Imported here: vitkit.inspect draws with matplotlib, which plain predictions need not load.
+    from vitkit.inspect.analysis import attention_rollout
+    from vitkit.inspect.figures import plot_prediction_explained
+
+    # The fp32 model, not the InferenceModel: rollout needs the attention weights of forward_intermediates.
+    rollout = attention_rollout(model, image)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    best = int(probs.argmax())
+    plot_prediction_explained(image[0].cpu(), rollout.maps[0], class_names, probs.float().cpu(), target,
+                              title=f"{label}: {class_names[best]} ({float(probs[best]):.1%})", top_k=topk,
+                              mean=mean, std=std, source=rollout.source)

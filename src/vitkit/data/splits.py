@@ -89,6 +89,29 @@ def stratified_split(labels, size: int | float, seed: int, what: str = "val_size
     return rest.astype(np.int64), picked.astype(np.int64)
 
 
+def dataset_labels(dataset) -> np.ndarray:
+    """The labels of a dataset's items, read without decoding images where the dataset allows."""
+    if hasattr(dataset, "labels"):
+        return np.asarray(dataset.labels).reshape(-1)
+    if hasattr(dataset, "samples"):  # an image folder
+        return np.asarray([label for _, label in dataset.samples])
+    return np.asarray([dataset[i][1] for i in range(len(dataset))])
+
+
+def training_subset(dataset, size: int | float, seed: int):
+    """`size` images of `dataset` (a count, or a fraction below 1), stratified by label and drawn with `seed`.
+
+    Within each class the images kept are the first of one fixed random order (see `stratified_split`), so for
+    one seed a smaller subset is contained in a larger one whenever the classes' quotas grow with the size (always
+    for balanced classes). The whole dataset is returned for a size equal to its length.
+    """
+    labels = dataset_labels(dataset)
+    if not isinstance(size, bool) and isinstance(size, (int, float)) and size == len(labels):
+        return dataset
+    _, picked = stratified_split(labels, size, seed, "train_size")
+    return dataset.subset(picked)
+
+
 FIXED_TEST_SEED = 0
 
 

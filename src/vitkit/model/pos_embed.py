@@ -36,7 +36,10 @@ def resample_pos_embed(
             f"position embedding of shape {tuple(pos_embed.shape)} does not fit a {old_h}x{old_w} grid "
             f"with {num_prefix_tokens} prefix token(s): expected (1, {expected}, D)"
         )
-    if (old_h, old_w) == (new_h, new_w):
+    # Exported with a dynamic image size (torch.export, as `vitkit export --dynamic` does), the new grid is symbolic:
+    # comparing it with the old one would make the exporter fix the graph to the traced size, so the exported graph
+    # always resamples. That is exact at the same grid: the kernels weigh the sample itself 1 and its neighbours 0.
+    if _known(new_grid) and (old_h, old_w) == (new_h, new_w):
         return pos_embed
 
     prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
@@ -45,3 +48,8 @@ def resample_pos_embed(
     grid = F.interpolate(grid, size=(new_h, new_w), mode=mode, align_corners=False, antialias=antialias)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new_h * new_w, dim).to(pos_embed.dtype)  # (1, N', D)
     return torch.cat([prefix, grid], dim=1)
+
+
+def _known(grid: tuple[int, int]) -> bool:
+    """Whether `grid` holds plain sizes, not the symbolic ones of a dynamic-shape export."""
+    return not (torch.compiler.is_exporting() and any(isinstance(side, torch.SymInt) for side in grid))

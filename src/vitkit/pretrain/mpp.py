@@ -316,7 +316,8 @@ class MaskedPatchPrediction(nn.Module):
                 return downsized_targets(images_01, self.patch_size, self.downsize)
             return pixel_targets(images_01, self.patch_size)
 
-    def _check_model(self, model: nn.Module) -> None:
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this objective cannot train: PatchDropout on, or another width, channel count or patch."""
         cfg = model.cfg
         if cfg.patch_dropout > 0:
             raise ValueError(
@@ -331,7 +332,7 @@ class MaskedPatchPrediction(nn.Module):
 
     def forward(self, model: nn.Module, images: torch.Tensor, noise: torch.Tensor) -> MPPOutput:
         """Corrupt, encode and score one batch: images (B, C, H, W) normalised, noise (B, N, 3) uniform."""
-        self._check_model(model)
+        self.check_model(model)
         targets = self.targets(images)  # (B, N) or (B, N, K); also checks the image size
         patches, grid = model.embed_patches(images)  # (B, N, D)
         corruption = corrupt_patches(patches, noise, self.mask_embedding, self.rate, self.split)  # checks noise

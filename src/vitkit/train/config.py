@@ -84,6 +84,9 @@ class DataOptions:
     """Allow downloading the dataset with torchvision when it is not found locally."""
     val_size: float | None = None
     """Validation split taken from train: a count or a fraction (None: the dataset's default)."""
+    train_size: float | None = None
+    """Train on only this many of the training split's images: a count, or a fraction below 1 (None: all). They
+    are drawn stratified by class with the run's seed; for one seed a smaller subset lies inside a larger one."""
     image_size: int | None = None
     """Train at this size (None: the dataset's native size). When fine-tuning, the resolution: the patch
     size is kept and the position embedding is resampled once, at load (`vitkit finetune --resolution`)."""
@@ -111,8 +114,10 @@ class DataOptions:
 class OptimOptions:
     """Optimiser, schedule and regularisation."""
 
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
-    """adamw (decoupled weight decay), adam (weight decay added to the gradient) or sgd (with momentum)."""
+    optimizer: Literal["adamw", "adam", "adam-l2", "sgd"] = "adamw"
+    """adamw; adam, the paper's (Flax's Adam: the weight decay is decoupled from the gradient and scaled by the
+    learning rate, the same update as adamw); adam-l2 (the weight decay added to the gradient, torch's Adam); sgd
+    (with momentum)."""
     lr: float = 7.5e-4
     """Peak learning rate (for the effective batch size), reached after the warm-up."""
     weight_decay: float = 0.05
@@ -135,6 +140,9 @@ class OptimOptions:
     """Clip the global gradient norm to this (None: no clipping)."""
     label_smoothing: float = 0.1
     """Weight of the uniform distribution mixed into the one-hot targets."""
+    loss: Literal["softmax", "sigmoid"] = "softmax"
+    """Classification loss: softmax cross-entropy, or sigmoid cross-entropy summed over the classes (the paper's
+    loss for its multi-label pretraining sets, JFT-300M and ImageNet-21k)."""
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (e.g. 0.999; 0: off). Evaluated and saved when on."""
 
@@ -183,6 +191,11 @@ class TrainConfig:
     optim: OptimOptions = field(default_factory=OptimOptions)
     run: RunOptions = field(default_factory=RunOptions)
 
+    @staticmethod
+    def command() -> str:
+        """The command that runs this config (written at the top of a run's config.yaml)."""
+        return "train"
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -209,6 +222,35 @@ class TrainConfig:
         except Exception as err:  # jsonargparse's message names the key and the type it expected
             raise ValueError(" ".join(str(err).split())[:400] or repr(err)) from err
         return cls(**{name: built[name] for name in sections})
+
+
+@dataclass
+class MPPOptions:
+    """Masked patch prediction, the paper's self-supervised objective (appendix B.1.2)."""
+
+    target: Literal["colour", "downsized", "pixels"] = "colour"
+    """What each corrupted patch predicts: its mean colour quantised to `bits` per channel (cross-entropy over
+    2^(bits x channels) classes), its pixels downsized to `downsize` x `downsize`, or all its pixels (both L2)."""
+    bits: int = 3
+    """Bits per channel of the colour target (3: 512 classes for RGB, 8 for grey)."""
+    rate: float = 0.5
+    """Fraction of each image's patch embeddings that are corrupted."""
+    split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    """How the corrupted patches are corrupted: replaced by the learned [mask] embedding, by another patch's
+    embedding of the same image, or left as they are."""
+    downsize: int = 4
+    """Side of the 'downsized' target."""
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """`vitkit pretrain`'s options: a training run of masked patch prediction, without labels."""
+
+    mpp: MPPOptions = field(default_factory=MPPOptions)
+
+    @staticmethod
+    def command() -> str:
+        return "pretrain"
 
 
 @dataclass
@@ -239,4 +281,20 @@ def finetune_defaults() -> TrainConfig:
                            label_smoothing=0.0,
                            warmup=0.05, schedule="cosine", clip_grad=1.0),
         run=RunOptions(out="runs/finetune"),
+    )
+
+
+def pretrain_defaults() -> PretrainConfig:
+    """The defaults of `vitkit pretrain`: masked patch prediction as the paper pretrains, scaled to a CPU.
+
+    The paper's: Adam (b1 0.9, b2 0.999) with decoupled weight decay, linear warm-up, cosine decay, gradient
+    clipping at 1, batch 4096, 1M steps on JFT-300M at peak lr 2e-4 (appendix B.1.2). Here: the default
+    recipe's model without PatchDropout (MPP must see every corrupted patch), batch 128, 20 epochs of
+    Fashion-MNIST (about 8,400 steps) at peak lr 1e-3 with 5% warm-up, weight decay 0.05.
+    """
+    return PretrainConfig(
+        model=ModelOptions(patch_dropout=0.0),
+        optim=OptimOptions(optimizer="adam", lr=1e-3, weight_decay=0.05, epochs=20.0, warmup=0.05,
+                           label_smoothing=0.0, clip_grad=1.0),
+        run=RunOptions(out="runs/pretrain"),
     )

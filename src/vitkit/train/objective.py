@@ -5,6 +5,11 @@ processes, precision and compilation, checkpoints and exact resume, logging and 
 what the model is asked to do:
 
 - `head_size(data)`: the classes of the model's head it needs (0: no head, the encoder alone);
+- `prepare(model, data)`: called once the model is built, before the optimiser: check the model, build what
+  depends on it (an objective's own parameters);
+- `network(model)`: the module the trainer wraps (DDP, torch.compile, autocast) and hands to `loss` as
+  `forward`: the model itself, or a module around it and the objective's parameters when the loss needs more
+  of the model than its forward (DDP averages gradients only of what runs through its wrapper);
 - `noise_shape(model)`: the per-image uniform noise its random choices draw from, or None. The trainer draws
   it for the whole global batch from (seed, epoch, batch), so every image gets the same draw however the
   batch is split over processes and micro-batches, and again on resume;
@@ -23,6 +28,7 @@ checkpointed with the model.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -60,6 +66,12 @@ class Objective(nn.Module):
     def head_size(self, data) -> int:
         return 0
 
+    def prepare(self, model: nn.Module, data) -> None:
+        pass
+
+    def network(self, model: nn.Module) -> nn.Module:
+        return model
+
     def noise_shape(self, model) -> tuple[int, ...] | None:
         return None
 
@@ -92,16 +104,27 @@ class Classification(Objective):
     With the model's PatchDropout on, the noise is the per-patch scores that choose the kept patches.
     """
 
-    def __init__(self, label_smoothing: float = 0.0, mixer: Callable | None = None):
+    def __init__(self, label_smoothing: float = 0.0, mixer: Callable | None = None, loss: str = "softmax"):
         super().__init__()
+        if loss not in ("softmax", "sigmoid"):
+            raise ValueError(f"unknown classification loss {loss!r}: choose softmax or sigmoid")
         self.label_smoothing = label_smoothing
         self.mixer = mixer
+        self.kind = loss
 
     def head_size(self, data) -> int:
         if data.num_classes < 2:
             raise ValueError(f"dataset {data.name} has {data.num_classes} class; classification needs at least 2 "
                              "(an image folder needs one sub-folder per class)")
         return data.num_classes
+
+    def prepare(self, model: nn.Module, data) -> None:
+        if self.kind == "sigmoid" and isinstance(model.head, nn.Linear) and not model.head.bias.any():
+            # A zero bias starts every class at probability 0.5, and the first steps only push all the logits
+            # down together; starting at the prior 1/K (as big_vision's sigmoid runs start at a negative bias)
+            # lets them learn the classes at once.
+            with torch.no_grad():
+                model.head.bias.fill_(-math.log(model.head.out_features - 1))
 
     def noise_shape(self, model) -> tuple[int, ...] | None:
         cfg = model.cfg
@@ -116,7 +139,10 @@ class Classification(Objective):
 
     def loss(self, forward, images, targets, labels, noise) -> StepLoss:
         logits = forward(images) if noise is None else forward(images, patch_noise=noise)
-        loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
+        if self.kind == "sigmoid":
+            loss = sigmoid_cross_entropy(logits.float(), targets, self.label_smoothing)
+        else:
+            loss = F.cross_entropy(logits.float(), targets, label_smoothing=self.label_smoothing)
         correct = topk_correct(logits.detach().float(), labels, (1,))[1]
         return StepLoss(loss, {"loss": loss.item() * len(images), "correct": float(correct),
                                "seen": float(len(images))})
@@ -145,3 +171,13 @@ class Classification(Objective):
     @staticmethod
     def _num_classes(model: nn.Module) -> int:
         return model.cfg.num_classes
+
+
+def sigmoid_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Binary cross-entropy of every class's logit against its target, summed over the classes and averaged over
+    the images. `targets` are class indices (B,) or class probabilities (B, K) (after mixup); label smoothing
+    mixes the uniform distribution in, as for softmax."""
+    if targets.ndim == 1:
+        targets = F.one_hot(targets, logits.shape[1]).to(logits.dtype)  # (B, K)
+    targets = targets * (1 - label_smoothing) + label_smoothing / logits.shape[1]
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1).mean()

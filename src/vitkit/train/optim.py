@@ -47,11 +47,15 @@ def build_optimizer(
     if name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
     if name == "adam":
-        # Adam with L2 decay folded into the gradient, as in the paper's pretraining.
+        # The paper's optimiser: Flax's Adam decays the weights apart from the gradient's moments, by
+        # learning rate x weight decay x weight at every step. That is exactly AdamW's update.
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, foreach=True)
+    if name == "adam-l2":
+        # The weight decay added to the gradient, so it passes through Adam's moments (torch's Adam).
         return torch.optim.Adam(groups, lr=lr, betas=betas, foreach=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, foreach=True)
-    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam or sgd")
+    raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam, adam-l2 or sgd")
 
 
 def warmup_steps(warmup: float, total_steps: int) -> int:

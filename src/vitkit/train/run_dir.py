@@ -16,7 +16,7 @@ def resumed_config(run_dir: Path, cfg: TrainConfig) -> TrainConfig:
     """The run's own config.yaml: a run continues as it was configured; only these may change on resume."""
     path = run_dir / "config.yaml"
     try:
-        saved = TrainConfig.from_dict(yaml.safe_load(path.read_text()))
+        saved = type(cfg).from_dict(yaml.safe_load(path.read_text()))
     except (yaml.YAMLError, ValueError, TypeError) as err:
         raise TrainingError(f"cannot resume: {path} is not a valid vitkit run config ({err})") from err
     saved.run.resume, saved.run.progress = True, cfg.run.progress
@@ -52,6 +52,6 @@ def write_run_dir(cfg: TrainConfig) -> Path:
                      "skipped_images.txt"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(config_path, "# vitkit train --config " + str(config_path) + "\n"
+    atomic_write_text(config_path, f"# vitkit {cfg.command()} --config " + str(config_path) + "\n"
                       + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir

@@ -27,17 +27,19 @@ from vitkit import crash_points
 from vitkit.atomic import atomic_write_text
 from vitkit.data import Transformed, batch_mixer, collate_skip_none, eval_transform, load_dataset, train_transform
 from vitkit.data.batch_augment import BatchAugment
+from vitkit.data.splits import training_subset
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
 from vitkit.train import distributed
 from vitkit.train.checkpoint import Position, last_checkpoint, load_training_state, save_checkpoint, set_rng_state
 from vitkit.train.compile import compile_for_training, resolve_compile
-from vitkit.train.config import TrainConfig
+from vitkit.train.config import PretrainConfig, TrainConfig
 from vitkit.train.distributed import local_device
 from vitkit.train.errors import TrainingError
 from vitkit.train.metrics import MetricsLog, read_metrics
 from vitkit.train.objective import Classification, Evaluation, Objective
 from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
+from vitkit.train.pretraining import MaskedPatchObjective
 from vitkit.train.run_dir import check_run_dir, resumed_config, write_run_dir
 from vitkit.train.sampling import EpochBatches, SeededAugment, derive_seed
 from vitkit.train.setup import build_model
@@ -139,15 +141,19 @@ def preprocess_metadata(data) -> dict[str, str]:
     return {PREPROCESS_KEY: json.dumps(info)}
 
 
-def classification(cfg: TrainConfig, data) -> Classification:
-    """The supervised objective `cfg` describes for `data` (label smoothing, mixup/CutMix)."""
+def objective_for(cfg: TrainConfig, data) -> Objective:
+    """The objective `cfg` describes: masked patch prediction for `vitkit pretrain`'s config, else supervised
+    classification (label smoothing, mixup/CutMix, softmax or sigmoid loss)."""
+    if isinstance(cfg, PretrainConfig):
+        return MaskedPatchObjective(cfg.mpp, eval_seed=cfg.run.seed)
     num_classes = Classification().head_size(data)  # refuses a one-class dataset with the reason
-    return Classification(cfg.optim.label_smoothing, batch_mixer(num_classes, cfg.data.mixup, cfg.data.cutmix))
+    return Classification(cfg.optim.label_smoothing, batch_mixer(num_classes, cfg.data.mixup, cfg.data.cutmix),
+                          cfg.optim.loss)
 
 
 def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
-    """Train as `cfg` says, for `objective` (default: classification as `cfg` describes it); under torchrun,
-    one process per device shares every batch."""
+    """Train as `cfg` says, for `objective` (default: the one `cfg` describes, see `objective_for`); under
+    torchrun, one process per device shares every batch."""
     validate(cfg)
     device = local_device(resolve_device(cfg.run.device))
     ctx = distributed.setup(device)
@@ -197,8 +203,9 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
     seed_everything(cfg.run.seed)
     precision = resolve_precision(cfg.run.precision, device, training=True)
     data, image_size = _load_data(cfg)
-    objective = objective if objective is not None else classification(cfg, data)
+    objective = objective if objective is not None else objective_for(cfg, data)
     model = build_model(cfg, objective.head_size(data), image_size, data.in_chans).to(device)
+    objective.prepare(model, data)
     objective.to(device)
     train_set, fast_augment, val_set, test_set = _datasets(cfg, data, image_size)
     run = _optimisation(cfg, ctx, device, precision, objective, data, model, train_set, fast_augment,
@@ -222,6 +229,8 @@ def _load_data(cfg: TrainConfig):
                         on_bad_image=d.on_bad_image, image_size=d.image_size,
                         **({"val_size": _count_or_fraction(d.val_size)} if d.val_size is not None else {}))
     image_size = (d.image_size, d.image_size) if d.image_size else tuple(data.image_size)
+    if d.train_size is not None:
+        data.train = training_subset(data.train, _count_or_fraction(d.train_size), cfg.run.seed)
     return data, image_size
 
 
@@ -286,7 +295,8 @@ def _prepare_forward(run: Run) -> None:
     """Wrap the model as the steps call it: DDP (which broadcasts rank 0's parameters and averages gradients),
     then torch.compile, then the run's autocast."""
     r = run.cfg.run
-    run.network = torch.nn.parallel.DistributedDataParallel(run.model) if run.ctx.enabled else run.model
+    network = run.objective.network(run.model)
+    run.network = torch.nn.parallel.DistributedDataParallel(network) if run.ctx.enabled else network
     run.ctx.broadcast_parameters(run.objective.parameters())  # the objective's own, outside DDP
     compiled = resolve_compile(r.compile, run.device, run.total_steps)
     inner = compile_for_training(run.network) if compiled else run.network
