@@ -48,10 +48,10 @@ class MPPOutput(NamedTuple):
 
     loss: torch.Tensor
     """Scalar: mean over the corrupted patches of the cross-entropy (colour) or of the per-patch MSE."""
-    corrupted_count: int
-    """Number of corrupted patches in the batch (what the loss is averaged over)."""
-    correct: int
-    """Corrupted patches whose most likely colour class is right (colour target); 0 for L2 targets."""
+    corrupted_count: torch.Tensor
+    """Number of corrupted patches in the batch (what the loss is averaged over), a 0-dim integer tensor."""
+    correct: torch.Tensor
+    """Corrupted patches whose most likely colour class is right (colour target; 0 for L2 targets), 0-dim."""
 
 
 # ---- validation ----
@@ -343,10 +343,11 @@ class MaskedPatchPrediction(nn.Module):
         predictions = self.head(patch_tokens[corrupted])  # (M, K)
         wanted = targets[corrupted]  # (M,) or (M, K)
         loss = _flat_loss(predictions, wanted)
-        correct = 0
+        # Counts stay tensors: reading them here (.item()) would break a compiled graph at every step.
+        correct = torch.zeros((), dtype=torch.long, device=loss.device)
         if self.target == "colour":
-            correct = int((predictions.detach().argmax(dim=1) == wanted).sum())
-        return MPPOutput(loss, int(corrupted.sum()), correct)
+            correct = (predictions.detach().argmax(dim=1) == wanted).sum()
+        return MPPOutput(loss, corrupted.sum(), correct)
 
     def extra_repr(self) -> str:
         return (f"target={self.target!r}, bits={self.bits}, rate={self.rate}, split={self.split}, "

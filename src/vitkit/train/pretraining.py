@@ -28,7 +28,7 @@ class _Network(nn.Module):
 
     def forward(self, images: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         out = self.mpp(self.model, images, noise)
-        return out.loss, torch.tensor(out.corrupted_count), torch.tensor(out.correct)
+        return out.loss, out.corrupted_count, out.correct
 
 
 class MaskedPatchObjective(Objective):
@@ -81,7 +81,7 @@ class MaskedPatchObjective(Objective):
             out = self.mpp(model, images, noise)
             loss_sum += float(out.loss) * len(images)
             seen += len(images)
-            corrupted, correct = corrupted + out.corrupted_count, correct + out.correct
+            corrupted, correct = corrupted + int(out.corrupted_count), correct + int(out.correct)
         model.train(was_training)
         if seen == 0:
             raise ValueError("the evaluation set is empty: nothing to evaluate")
