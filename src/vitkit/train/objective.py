@@ -121,8 +121,7 @@ class Classification(Objective):
     def prepare(self, model: nn.Module, data) -> None:
         if self.kind == "sigmoid" and isinstance(model.head, nn.Linear) and not model.head.bias.any():
             # A zero bias starts every class at probability 0.5, and the first steps only push all the logits
-            # down together; starting at the prior 1/K (as big_vision's sigmoid runs start at a negative bias)
-            # lets them learn the classes at once.
+            # down together; starting at the prior 1/K lets them learn the classes at once.
             with torch.no_grad():
                 model.head.bias.fill_(-math.log(model.head.out_features - 1))
 
