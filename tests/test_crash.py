@@ -188,6 +188,23 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary_file(tmp_pat
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["file.txt"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_an_atomic_write_gets_the_mode_a_plain_write_would(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        (tmp_path / "plain.txt").write_text("x")
+        atomic_write_text(tmp_path / "atomic.txt", "x")
+        with atomic_path(tmp_path / "rewritten.bin") as tmp:  # a writer that creates its file anew
+            tmp.unlink()
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    expected = stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode)
+    assert expected == 0o666 & ~umask
+    for name in ("atomic.txt", "rewritten.bin"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == expected, name
+
+
 def _checkpoint(run: Path, step: int, model: torch.nn.Module) -> Path:
     return save_checkpoint(run, Position(step, 0, step), lambda path: save_weights(model, path),
                            {"note": f"state of step {step}"})

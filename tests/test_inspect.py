@@ -285,6 +285,19 @@ def test_write_inspection_writes_every_figure_and_the_arrays(tmp_path):
         assert sorted(arrays.files) == ["filters_components", "filters_variance_ratio"]
 
 
+def test_the_output_gets_the_modes_a_plain_mkdir_and_write_would(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        write_inspection(tiny(), None, tmp_path / "inspect", analyses="filters")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "inspect").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "inspect").iterdir()} == {0o644}
+
+
 # ---- bad input ----
 
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vitkit.atomic import atomic_path
+from vitkit.atomic import atomic_path, current_umask
 from vitkit.inspect import figures
 from vitkit.inspect.analysis import (
     attention_distance_from_maps,
@@ -125,6 +125,7 @@ def write_inspection(model: nn.Module, images: torch.Tensor | None, out_dir: str
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~current_umask())  # it becomes `out`: the mode mkdir would have given, not mkdtemp's
         for name in names:
             path = tmp / f"{name}.png"
             if name == "filters":
