@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 
 from vitkit.atomic import atomic_write_text
 from vitkit.data import Transformed, collate_skip_none, eval_transform, load_dataset
+from vitkit.data.splits import dataset_labels
 from vitkit.inference import InferenceOptions, normalisation
 from vitkit.inference_modes import InferenceModel
 from vitkit.model import ViT, adapt_for_finetune, check_image_size
@@ -195,12 +196,7 @@ def _check(opts: FewShotOptions) -> None:
 
 
 def _labels(dataset) -> torch.Tensor:
-    labels = getattr(dataset, "labels", None)
-    if labels is None and hasattr(dataset, "samples"):  # an image folder: labels without decoding images
-        labels = [label for _, label in dataset.samples]
-    if labels is None:
-        labels = [dataset[i][1] for i in range(len(dataset))]
-    return torch.as_tensor(labels, dtype=torch.int64)
+    return torch.as_tensor(dataset_labels(dataset), dtype=torch.int64)
 
 
 @torch.no_grad()

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.model import check_image_size
+
 HEAD_FUSIONS = ("mean", "max", "min")
 SOURCE_CLASS_TOKEN = "class token"
 SOURCE_PATCH_MEAN = "mean of patch-token rows"
@@ -64,9 +66,9 @@ def check_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"the model takes {cfg.in_chans}-channel images but the images have {c} channels "
                          f"(shape {tuple(images.shape)})")
     p = cfg.patch_size
-    if h < p or w < p or h % p or w % p:
-        raise ValueError(f"image size {h}x{w} is not a multiple of the model's patch size {p}: resize or crop "
-                         f"to a multiple of {p}")
+    if h < p or w < p:
+        raise ValueError(f"image size {h}x{w} is smaller than one {p}x{p} patch of the model")
+    check_image_size((h, w), p)
     if not images.is_floating_point():
         images = images.float()
     if not torch.isfinite(images).all():

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vitkit.model import check_image_size
+
 TARGETS = ("colour", "downsized", "pixels")
 
 # Values of Corruption.kind.
@@ -87,10 +89,7 @@ def _check_images(images: torch.Tensor, patch_size: int) -> None:
     h, w = images.shape[-2:]
     if h < patch_size or w < patch_size:
         raise ValueError(f"image size {h}x{w} is smaller than one {patch_size}x{patch_size} patch")
-    if h % patch_size or w % patch_size:
-        raise ValueError(
-            f"image size {h}x{w} is not divisible by the patch size {patch_size}: resize or crop to a multiple"
-        )
+    check_image_size((h, w), patch_size)
 
 
 def _check_downsize(size: int, patch_size: int) -> int:
