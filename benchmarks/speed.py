@@ -7,9 +7,11 @@ What it measures:
 - the machine's ceiling: a large fp32 and bf16 matmul, GFLOP/s;
 - inference images/s of Ti/16, S/16 and B/16 at 224x224, batch 1 and 16: vitkit in each mode
   (vitkit.inference_modes) against timm (eager fp32, eager with bf16 weights), HF transformers
-  (ViTForImageClassification, SDPA attention) and vit-pytorch. vitkit loads timm's and HF's weights
-  through its converters and its logits are compared with theirs. vit-pytorch's ViT is not the paper's
-  (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
+  (ViTForImageClassification, SDPA attention) and vit-pytorch, and against ONNX Runtime (CPU, every graph
+  optimisation, as many threads as torch) running the same vitkit model exported to ONNX (vitkit.export), fp32 and
+  dynamically quantised to int8 (needs the `export` extra; `--no-onnx` leaves it out). vitkit loads timm's and HF's
+  weights through its converters and its logits are compared with theirs and with ONNX Runtime's. vit-pytorch's ViT
+  is not the paper's (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
   of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
   (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.compile);
@@ -42,6 +44,7 @@ import shlex
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -52,6 +55,7 @@ from provenance import machine, revision
 
 import vitkit
 from vitkit import allocator
+from vitkit.export import INSTALL_HINT, export_onnx, needs_external_data, quantise_int8
 from vitkit.inference_modes import InferenceModel
 from vitkit.train.compile import compile_for_training
 
@@ -131,7 +135,8 @@ def memory_in_fresh_process(kind: str, what: str, batch: int, contender: str) ->
 def _memory_child(spec: str) -> int:
     job = json.loads(spec)
     if job["kind"] == "inference":
-        contenders, _ = inference_contenders(job["what"], "compile" in job["contender"])
+        contenders, _ = inference_contenders(job["what"], "compile" in job["contender"],
+                                             job["contender"].startswith("onnxruntime"))
         x = torch.randn(job["batch"], 3, 224, 224)
         run = contenders[job["contender"]]
 
@@ -147,7 +152,7 @@ def _memory_child(spec: str) -> int:
 
 # --- contenders ---------------------------------------------------------------------------------------------------
 
-def inference_contenders(size: str, with_compile: bool) -> tuple[dict, dict]:
+def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False) -> tuple[dict, dict]:
     """{name: callable(images) -> logits} and {name: max |logit difference| against the vitkit twin}."""
     import timm
     import transformers
@@ -181,6 +186,8 @@ def inference_contenders(size: str, with_compile: bool) -> tuple[dict, dict]:
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
+    if with_onnx:
+        contenders.update(onnx_runtime_contenders(model))
 
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -188,9 +195,49 @@ def inference_contenders(size: str, with_compile: bool) -> tuple[dict, dict]:
         differences = {"timm fp32": float((timm_model(x) - reference).abs().max()),
                        "HF transformers fp32 (sdpa)": float((hf_model(pixel_values=x).logits - hf_twin(x)).abs().max())}
         for name, run in contenders.items():
-            if name.startswith("vitkit") or name == "timm bf16 weights":
+            if name.startswith(("vitkit", "onnxruntime")) or name == "timm bf16 weights":
                 differences[name] = float((run(x) - reference).abs().max())
     return contenders, differences
+
+
+def onnx_unavailable() -> str | None:
+    """Why the ONNX Runtime contenders cannot run in this environment, or None if they can."""
+    for name in ("onnx", "onnxscript", "onnxruntime"):  # what vitkit.export needs to write and run the file
+        try:
+            __import__(name)
+        except ImportError as err:
+            return f"{err} ({INSTALL_HINT})"
+    return None
+
+
+def onnx_runtime_contenders(model: vitkit.ViT) -> dict:
+    """{name: callable(images) -> logits}: `model` exported to ONNX and run by ONNX Runtime, fp32 and int8."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # the cores torch gets, no more
+    options.inter_op_num_threads = 1  # one chain of operators: a second pool would only compete for the same cores
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers say nothing about speed
+    contenders = {}
+    with tempfile.TemporaryDirectory(prefix="vitkit-speed-onnx-") as directory:
+        fp32, int8 = Path(directory) / "model.onnx", Path(directory) / "model.int8.onnx"
+        export_onnx(model, fp32, dynamic=False, opset=18)  # the batch stays dynamic: one file serves every batch
+        quantise_int8(fp32, int8, external_data=needs_external_data(model))
+        # A session reads the whole graph and its weights when it is built, so the files may go with the directory.
+        for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            contenders[name] = _onnx_runner(session)
+    return contenders
+
+
+def _onnx_runner(session):
+    input_name = session.get_inputs()[0].name
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        # .numpy() and from_numpy share the tensor's memory: the batch is not copied on either side of the call
+        return torch.from_numpy(session.run(None, {input_name: images.numpy()})[0])
+    return run
 
 
 def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
@@ -222,7 +269,8 @@ def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dic
     def stepper(model, compiled: bool, bf16: bool):
         model.train()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
-        # each library compiled as its trainer compiles it: vitkit's with its activation budget (vitkit/train/compile.py)
+        # each library compiled as its trainer compiles it: vitkit's with its activation budget
+        # (vitkit/train/compile.py)
         compile_model = compile_for_training if isinstance(model, vitkit.ViT) else torch.compile
         forward = compile_model(model) if compiled else model
 
@@ -269,8 +317,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="Ti/16 and the Fashion-MNIST shape only, 3 repetitions")
     parser.add_argument("--sizes", nargs="+", choices=list(SIZES), help="inference model sizes (default: all)")
     parser.add_argument("--no-ti224-training", action="store_true", help="leave out the Ti/16 @224 training shape")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, help="interleaved repetitions (default: 5, or 3 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
+    parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime contenders")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's allocator settings as they are (default: keep freed memory for reuse, "
@@ -284,13 +333,18 @@ def main() -> int:
         "glibc's defaults" if args.system_allocator or not allocator.keep_freed_memory() else
         f"freed memory kept for reuse (vitkit.allocator: mmap threshold {allocator.MMAP_THRESHOLD >> 20} MiB, "
         f"trim threshold {allocator.TRIM_THRESHOLD >> 20} MiB), for every contender alike")
-    reps = 3 if args.quick else args.reps
+    onnx_missing = None if args.no_onnx else onnx_unavailable()
+    if onnx_missing:
+        print(f"ONNX Runtime contenders left out: {onnx_missing}", flush=True)
+    with_onnx = not args.no_onnx and onnx_missing is None
+    reps = args.reps or (3 if args.quick else 5)
     sizes = args.sizes or (["Ti/16"] if args.quick else list(SIZES))
     started = datetime.now(timezone.utc)
     record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
               "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
               "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
-              "repetitions": reps, "allocator": allocator_setting, "inference": [], "training": []}
+              "repetitions": reps, "allocator": allocator_setting,
+              "onnxruntime": _onnx_runtime_setting(args.no_onnx, onnx_missing), "inference": [], "training": []}
     ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
     print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
@@ -303,7 +357,7 @@ def main() -> int:
             # cleared first: every model shares one forward code object, and after 8 compilations of it (the
             # recompile limit) torch would silently run later "compiled" contenders eagerly.
             torch._dynamo.reset()
-            contenders, differences = inference_contenders(size, not args.no_compile)
+            contenders, differences = inference_contenders(size, not args.no_compile, with_onnx)
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
             def call(run, x=x):
@@ -339,6 +393,18 @@ def main() -> int:
         print(f"{'met' if c['met'] else 'NOT met'}: {c['goal']} ({c['measured']})", flush=True)
     _write(record, Path(args.out), started)
     return 0
+
+
+def _onnx_runtime_setting(left_out: bool, missing: str | None) -> str:
+    """What the record says of the ONNX Runtime contenders: its version and settings, or why they are absent."""
+    if left_out:
+        return "left out (--no-onnx)"
+    if missing:
+        return f"left out: {missing}"
+    import onnxruntime as ort
+
+    return (f"onnxruntime {ort.__version__}, CPUExecutionProvider, {torch.get_num_threads()} intra-op threads, "
+            "1 inter-op, ORT_ENABLE_ALL; opset 18 export of the vitkit model, int8 by dynamic quantisation")
 
 
 def _rows(measured: dict, batch: int, flops: float, ceiling: dict, differences: dict) -> list[dict]:
@@ -434,6 +500,7 @@ def _write(record: dict, out: Path, started: datetime) -> None:
              f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
              f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s",
              f"- allocator (speed figures): {record.get('allocator', 'not recorded')}",
+             f"- ONNX Runtime: {record.get('onnxruntime', 'not measured')}",
              f"- medians of {record['repetitions']} interleaved repetitions; 'peak extra MB' is how far the process's "
              "peak resident set rose above its size over two calls after a first one, and in brackets over the first "
              "call, which includes compilation (in a fresh process, glibc mmap threshold "

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pickle
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from image_corpus import huge_png_bytes
-from vitkit.data import BadImageError, load_image
+from image_corpus import BOMB_LIMIT, huge_png_bytes, write_corpus
+from vitkit.data import BadImageError, decode_image, load_image
 from vitkit.data.decode import read_header
 
 
@@ -238,3 +239,21 @@ def test_huge_dimensions_get_one_reason_whoever_refuses_them(tmp_path, monkeypat
             read(path, max_pixels=max_pixels)
         assert (caught.value.path, caught.value.reason) == (str(path), expected), read.__name__
     assert Image.MAX_IMAGE_PIXELS == 89_478_485  # Pillow's setting is left as it was
+
+
+def test_bytes_decode_as_their_file_does(tmp_path):
+    """decode_image(bytes) gives load_image(path)'s tensor for every awkward image of the corpus, and its reason for
+    every bad file and bomb, naming the bytes as the caller called them."""
+    corpus = write_corpus(tmp_path / "corpus")
+    for path in corpus.good:
+        for mode in ("RGB", "L"):
+            assert torch.equal(decode_image(Path(path).read_bytes(), mode), load_image(path, mode)), (path, mode)
+    bad = {**{str(p): w for p, w in make_bad_files(tmp_path / "bad").items()}, **corpus.bad}
+    for path in bad:
+        with pytest.raises(BadImageError) as from_file:
+            load_image(path, max_pixels=BOMB_LIMIT)
+        with pytest.raises(BadImageError) as from_bytes:
+            decode_image(Path(path).read_bytes(), name="upload.png", max_pixels=BOMB_LIMIT)
+        assert from_bytes.value.path == "upload.png"
+        reason = from_file.value.reason.replace("(0 bytes)", "").replace("file", "data")
+        assert from_bytes.value.reason.replace("(0 bytes)", "").replace("file", "data") == reason, path

@@ -25,7 +25,7 @@ LAYERS = [
     ["vitkit"],  # the package's face: the public API of the layers below
     ["vitkit.evaluation", "vitkit.inference_modes", "vitkit.pretrain", "vitkit.inspect"],
     ["vitkit.inference"],
-    ["vitkit.fewshot", "vitkit.inspection", "vitkit.export"],  # commands over inference
+    ["vitkit.fewshot", "vitkit.inspection", "vitkit.export", "vitkit.serve"],  # commands over inference
     ["vitkit.train"],
     ["vitkit.cli"],
 ]

@@ -21,6 +21,7 @@ from vitkit.export import ExportOptions, export_weights
 from vitkit.fewshot import FewShotOptions, few_shot_eval
 from vitkit.inference import EvalOptions, PredictOptions, evaluate_weights, predict_images
 from vitkit.inspection import InspectOptions, inspect_weights
+from vitkit.serve import ServeOptions, serve
 from vitkit.train.config import FinetuneConfig, PretrainConfig, TrainConfig, finetune_defaults, pretrain_defaults
 
 
@@ -82,6 +83,13 @@ def export_command(opts: ExportOptions) -> int:
     return 0
 
 
+def serve_command(opts: ServeOptions) -> int:
+    """Serve weights over HTTP (FastAPI on uvicorn): POST /predict, POST /explain (attention rollout as a PNG),
+    GET /healthz, and a page at / to try images in a browser."""
+    serve(opts)
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     function: Callable[[object], int]
@@ -112,6 +120,7 @@ COMMANDS: dict[str, Command] = {
     "inspect": Command(inspect_command, InspectOptions, several=("--images", "--analyses")),
     "export": Command(export_command, ExportOptions, flags=("--dynamic", "--check", "--int8"),
                       several=("--check_sizes",)),
+    "serve": Command(serve_command, ServeOptions),
 }
 
 
@@ -231,7 +240,7 @@ def build_parser() -> ArgumentParser:
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="vitkit", exit_on_error=True,
                             description="Vision Transformers (Dosovitskiy et al., 2020): train, pretrain, fine-tune, "
-                            "evaluate, predict, inspect and export. Run `vitkit <command> --help` for a command's "
+                            "evaluate, predict, inspect, export and serve. Run `vitkit <command> --help` for a command's "
                             "options.")
     commands = parser.add_subcommands(dest="command", required=True)
     for name, command in COMMANDS.items():

@@ -113,6 +113,41 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
     return result
 
 
+class ImageClassifier:
+    """Saved weights ready to classify decoded images: their preprocessing, class names and an inference mode.
+
+    `vitkit predict` and `vitkit serve` both classify through it. The fp32 model stays beside the inference mode's
+    copy: attention rollout reads its attention weights.
+    """
+
+    def __init__(self, weights: str, precision: Precision = "fp32", compile: bool = False, device: str = "auto",
+                 keep_freed_memory: bool = False):
+        self.device = resolve_device(device)
+        self.model, preprocess = load_for_inference(weights, self.device)
+        cfg = self.model.cfg
+        if cfg.num_classes == 0:
+            raise ValueError(f"{weights} has no classification head (num_classes=0): nothing to predict")
+        self.mean, self.std = normalisation(preprocess, cfg.in_chans)
+        self.class_names = list(preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)])
+        self.image_mode = "L" if cfg.in_chans == 1 else "RGB"
+        """The mode images are decoded in ("L" grey or "RGB")."""
+        self._transform = eval_transform(self.mean, self.std, cfg.img_size)
+        self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory=keep_freed_memory)
+
+    def prepare(self, image: torch.Tensor) -> torch.Tensor:
+        """A decoded uint8 image (C, H, W) of any size -> the model's normalised input (C, h, w)."""
+        return self._transform(image)
+
+    def probabilities(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) prepared images -> (B, classes) class probabilities."""
+        return self.runner(images.to(self.device)).softmax(-1)
+
+    def ranked(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
+        """The `k` most probable (class name, probability) of one image's `probs` (classes,), most probable first."""
+        top = probs.topk(min(k, len(self.class_names)))
+        return [(self.class_names[i], float(p)) for p, i in zip(top.values, top.indices.tolist())]
+
+
 @torch.no_grad()
 def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
     """Top-k (class name, probability) for each image, printed and returned."""
@@ -124,30 +159,21 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
         raise ValueError("--explain writes a figure per image: give --out DIR, the directory to write them into")
     if opts.explain and Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise ValueError(f"--out {opts.out} exists and is not a directory")
-    device = resolve_device(opts.device)
-    model, preprocess = load_for_inference(opts.weights, device)
-    cfg = model.cfg
-    if cfg.num_classes == 0:
-        raise ValueError(f"{opts.weights} has no classification head (num_classes=0): nothing to predict")
-    mean, std = normalisation(preprocess, cfg.in_chans)
-    names = preprocess.get("class_names") or [str(i) for i in range(cfg.num_classes)]
-    transform = eval_transform(mean, std, cfg.img_size)
-    mode = "L" if cfg.in_chans == 1 else "RGB"
-    runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
+    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory)
     results = []
     taken: set[str] = set()
     for path in opts.images:
-        image = transform(load_image(path, mode=mode)).unsqueeze(0).to(device)  # (1, C, H, W)
-        probs = runner(image).softmax(-1)[0]
-        top = probs.topk(min(opts.topk, cfg.num_classes))
-        ranked = [(names[i], float(p)) for p, i in zip(top.values, top.indices.tolist())]
+        image = classifier.prepare(load_image(path, mode=classifier.image_mode)).unsqueeze(0)  # (1, C, H, W)
+        probs = classifier.probabilities(image)[0]
+        ranked = classifier.ranked(probs, opts.topk)
         results.append(ranked)
         print(path)
         for name, p in ranked:
             print(f"  {100 * p:6.2f}%  {name}")
         if opts.explain:
             target = Path(opts.out) / explained_name(path, taken)
-            explain_prediction(model, image, probs, names, target, Path(path).name, opts.topk, mean, std)
+            explain_prediction(classifier.model, image.to(classifier.device), probs, classifier.class_names, target,
+                               Path(path).name, opts.topk, classifier.mean, classifier.std)
             print(f"  wrote {target}")
     return results
 

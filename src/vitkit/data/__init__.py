@@ -3,10 +3,10 @@
 `load_dataset(name, ...)` returns DataSplits: train / val / test datasets of (uint8 (C, H, W), label)
 with the class names and the per-channel mean and std. `train_transform` / `eval_transform` turn
 those images into normalised float tensors; `batch_mixer` does mixup / CutMix on batches.
-`load_image` decodes one file safely (BadImageError on anything unreadable).
+`load_image` decodes one file safely (BadImageError on anything unreadable), `decode_image` its bytes.
 """
 
-from vitkit.data.decode import load_image
+from vitkit.data.decode import decode_image, load_image
 from vitkit.data.errors import BadImageError, DataFileError, DatasetNotFoundError
 from vitkit.data.image_folder import ImageFolderDataset, collate_skip_none
 from vitkit.data.registry import DATASETS, load_dataset
@@ -16,6 +16,6 @@ from vitkit.data.transforms import Transformed, batch_mixer, eval_transform, tra
 
 __all__ = [
     "DATASETS", "BadImageError", "DataFileError", "DataSplits", "DatasetNotFoundError", "ImageFolderDataset",
-    "ImageTensorDataset", "batch_mixer", "collate_skip_none", "eval_transform", "load_dataset", "load_image",
+    "ImageTensorDataset", "batch_mixer", "collate_skip_none", "decode_image", "eval_transform", "load_dataset", "load_image",
     "stratified_split", "train_transform", "Transformed",
 ]

@@ -1,4 +1,4 @@
-"""Safe decoding of one image file into a uint8 tensor (C, H, W).
+"""Safe decoding of one image file (`load_image`), or of its bytes (`decode_image`), into a uint8 tensor (C, H, W).
 
 Whatever a collection of user images holds (empty or truncated files, text saved as `.jpg`, CMYK
 JPEGs, palettes with a transparent colour, 16-bit scans, phone photos stored sideways, files of a
@@ -23,6 +23,7 @@ VITKIT_MAX_IMAGE_PIXELS, Pillow's `Image.MAX_IMAGE_PIXELS` (89,478,485 unless ch
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import threading
 import warnings
@@ -82,22 +83,24 @@ def _pillow_allows(limit: int | None):
                 Image.MAX_IMAGE_PIXELS = pillow_limit
 
 
-def _stored_size(path: str) -> tuple[int, int] | None:
+def _stored_size(source: str | io.BytesIO) -> tuple[int, int] | None:
     """(width, height) as the header states it, read with Pillow's own guard off (no pixel is decoded)."""
     try:
-        with _pillow_allows(None), Image.open(path) as img:
+        if isinstance(source, io.BytesIO):
+            source.seek(0)
+        with _pillow_allows(None), Image.open(source) as img:
             return img.size
     except Exception:
         return None
 
 
-def _pillow_bomb_reason(path: str, error: Exception, limit: int | None) -> str:
+def _pillow_bomb_reason(source: str | io.BytesIO, error: Exception, limit: int | None) -> str:
     """The reason for a refusal by Pillow's own guard (at twice its limit), in the same words as ours.
 
     Whether Pillow or vitkit refuses a file depends on how the limits compare; the reason should not:
     it names the image's size and the limit in force, whichever found it.
     """
-    size = _stored_size(path)
+    size = _stored_size(source)
     if size is not None and limit is not None and size[0] * size[1] > limit:
         return bomb_reason(size[0], size[1], limit)
     # Not the stored size (an animation frame larger than the first, say): Pillow's words, and the way out.
@@ -169,27 +172,45 @@ def load_image(path: str | os.PathLike, mode: str = "RGB", *, max_pixels: int | 
     empty, truncated, not an image, in a colour mode with no conversion, or has more than
     `max_pixels` pixels (see the module docstring for the default and how to raise it).
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+    _check_mode(mode)
     path = os.fspath(path)
     limit = max_image_pixels(max_pixels)
     _check_file(path)
+    return _decode(path, path, mode, limit)
+
+
+def decode_image(data: bytes, mode: str = "RGB", *, name: str = "<bytes>",
+                 max_pixels: int | None = None) -> torch.Tensor:
+    """`load_image` for an image file's bytes held in memory (an upload, say); errors name it `name`."""
+    _check_mode(mode)
+    limit = max_image_pixels(max_pixels)
+    if not data:
+        raise BadImageError(name, "the data is empty (0 bytes)")
+    return _decode(io.BytesIO(data), name, mode, limit)
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
+
+
+def _decode(source: str | io.BytesIO, name: str, mode: str, limit: int | None) -> torch.Tensor:
     try:
-        with _pillow_allows(limit), Image.open(path) as img:
+        with _pillow_allows(limit), Image.open(source) as img:
             width, height = img.size
             if limit is not None and width * height > limit:
-                raise BadImageError(path, bomb_reason(width, height, limit))
+                raise BadImageError(name, bomb_reason(width, height, limit))
             img.load()
             upright = ImageOps.exif_transpose(img)
             return _to_tensor(_convert(upright, mode))
     except BadImageError:
         raise
     except Image.DecompressionBombError as error:  # Pillow's guard, on opening or on a later frame
-        raise BadImageError(path, _pillow_bomb_reason(path, error, limit)) from error
+        raise BadImageError(name, _pillow_bomb_reason(source, error, limit)) from error
     except MemoryError as error:
-        raise BadImageError(path, "decoding it ran out of memory") from error
+        raise BadImageError(name, "decoding it ran out of memory") from error
     except Exception as error:  # Pillow reports corrupt data as OSError, SyntaxError, ValueError, struct.error, ...
-        raise BadImageError(path, _describe(error)) from error
+        raise BadImageError(name, _describe(error)) from error
 
 
 def read_header(path: str | os.PathLike, *, max_pixels: int | None = None) -> tuple[tuple[int, int], str]:

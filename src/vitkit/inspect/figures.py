@@ -97,6 +97,27 @@ def _show_overlay(ax, shown: np.ndarray, attention_map: np.ndarray) -> None:
     ax.imshow(up, cmap=OVERLAY_CMAP, alpha=OVERLAY_ALPHA, vmin=0.0, vmax=1.0)
 
 
+def overlay_image(image: np.ndarray | torch.Tensor, attention_map: np.ndarray | torch.Tensor,
+                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
+                  min_side: int = 224) -> np.ndarray:
+    """The image (C, H, W) with its (gh, gw) map over it, as one uint8 RGB picture (H', W', 3).
+
+    The blend the figures draw (the map scaled to its peak, OVERLAY_CMAP at OVERLAY_ALPHA), without a figure
+    around it. A small image is first enlarged by a whole factor to at least `min_side` pixels on its shorter
+    side, by repeating pixels, so that a 28-pixel image stays sharp and the map over it stays smooth.
+    """
+    shown = display_image(image, mean, std)
+    rgb = np.repeat(shown[..., None], 3, axis=2) if shown.ndim == 2 else shown  # (H, W, 3)
+    factor = max(1, math.ceil(min_side / min(rgb.shape[:2])))
+    rgb = rgb.repeat(factor, axis=0).repeat(factor, axis=1)
+    up = upsample_map(_numpy(attention_map), rgb.shape[:2])  # (H', W')
+    peak = up.max()
+    up = up / peak if peak > 0 else up
+    heat = colormaps[OVERLAY_CMAP](up)[..., :3]
+    blend = (1.0 - OVERLAY_ALPHA) * rgb + OVERLAY_ALPHA * heat
+    return np.round(np.clip(blend, 0.0, 1.0) * 255).astype(np.uint8)
+
+
 def plot_embedding_filters(components: np.ndarray | torch.Tensor, variance_ratio: np.ndarray | torch.Tensor,
                            path: str | os.PathLike, title: str | None = None) -> None:
     """Figure 7 left: the k principal components (k, C, P, P) of the patch-embedding filters as tiles.

@@ -1,0 +1,42 @@
+"""`vitkit serve`: saved weights behind an HTTP service (FastAPI on uvicorn) with a page to try them in a browser.
+
+options.py holds the command's options, batching.py gathers concurrent requests into batches, app.py is the
+application (routes, upload limits, errors), page.html the page at /. FastAPI and uvicorn are imported only when
+a server starts (`pip install 'vitkit[serve]'`).
+"""
+
+from __future__ import annotations
+
+from vitkit.serve.options import ServeOptions, serving_precision
+
+INSTALL_HINT = "vitkit serve needs fastapi, uvicorn and python-multipart: pip install 'vitkit[serve]'"
+
+
+def build_app(opts: ServeOptions):
+    """The FastAPI application serving `opts.weights` (for uvicorn, or a test client)."""
+    opts.check()
+    try:
+        from vitkit.serve.app import create_app
+    except ImportError as error:
+        raise ImportError(f"{INSTALL_HINT} ({error})") from error
+    from vitkit.inference import ImageClassifier
+    from vitkit.runtime import resolve_device
+
+    precision = serving_precision(opts.precision, resolve_device(opts.device))
+    classifier = ImageClassifier(opts.weights, precision, opts.compile, opts.device, opts.keep_freed_memory)
+    return create_app(classifier, opts)
+
+
+def serve(opts: ServeOptions) -> None:
+    """Serve until interrupted."""
+    app = build_app(opts)
+    try:
+        import uvicorn
+    except ImportError as error:
+        raise ImportError(f"{INSTALL_HINT} ({error})") from error
+    print(f"serving {opts.weights} in {app.state.precision} on http://{opts.host}:{opts.port}/ "
+          "(POST /predict, POST /explain, GET /healthz; Ctrl+C stops)", flush=True)
+    uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level)
+
+
+__all__ = ["INSTALL_HINT", "ServeOptions", "build_app", "serve", "serving_precision"]
