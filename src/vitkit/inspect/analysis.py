@@ -109,7 +109,7 @@ def capture_attention(model: nn.Module, images: torch.Tensor, blocks: list[int] 
     torch.no_grad() and restores the model's training flags afterwards.
     """
     images = check_images(model, images)
-    param = model.pos_embed
+    param = model.patch_embed.proj.weight
     with _eval_mode(model):
         out = model.forward_intermediates(images.to(device=param.device, dtype=param.dtype), blocks=blocks,
                                           attention=True)
@@ -181,16 +181,37 @@ def embedding_filters(model: nn.Module, k: int = 28) -> tuple[np.ndarray, np.nda
 def pos_embed_similarity(model: nn.Module) -> np.ndarray:
     """(gh, gw, gh, gw) cosine similarity of each patch position's embedding with every other (figure 7, centre).
 
-    `sim[i, j]` is the (gh, gw) map of position (i, j)'s similarity to every position; the class-token entry of
-    `model.pos_embed` is left out. The grid is the model's trained `cfg.grid_size`.
+    `sim[i, j]` is the (gh, gw) map of position (i, j)'s similarity to every position; the class-token entry is
+    left out. The grid is the model's trained `cfg.grid_size`; the embedding is what the model adds to its tokens
+    there (`pos_embed_for`), so the 2D and sin-cos kinds are compared on the same footing as the learned one.
     """
     gh, gw = model.cfg.grid_size
     prefix = model.cfg.num_prefix_tokens
-    table = model.pos_embed.detach().to(device="cpu", dtype=torch.float64)[0, prefix:]  # (N, D)
+    with torch.no_grad():
+        added = model.pos_embed_for((gh, gw))  # (1, T, D) or None
+    if added is None:
+        raise ValueError(f"the model adds no position embedding to its tokens (pos_embed={model.cfg.pos_embed!r}): "
+                         "there is no table to compare")
+    table = added.detach().to(device="cpu", dtype=torch.float64)[0, prefix:]  # (N, D)
     if table.shape[0] != gh * gw:
         raise ValueError(f"pos_embed holds {table.shape[0]} patch positions, the {gh}x{gw} grid needs {gh * gw}")
     unit = F.normalize(table, dim=1, eps=1e-12)  # (N, D)
     return (unit @ unit.T).numpy().reshape(gh, gw, gh, gw)  # (N, N) -> (gh, gw, gh, gw)
+
+
+def pos_embed_grid_correlation(model: nn.Module) -> float:
+    """How much 2D structure a position embedding holds: the Pearson correlation, over all pairs of distinct
+    patch positions, between their embeddings' cosine similarity and minus their distance on the grid.
+
+    Near 1: positions close on the grid have similar embeddings, as figure 7 (centre) shows for a trained 1D
+    embedding; near 0: no relation, as for a random initialisation.
+    """
+    similarity = pos_embed_similarity(model)  # (gh, gw, gh, gw)
+    gh, gw = similarity.shape[:2]
+    centres = patch_centres((gh, gw), 1)  # (N, 2) grid coordinates
+    distance = np.linalg.norm(centres[:, None, :] - centres[None, :, :], axis=-1)  # (N, N)
+    pairs = ~np.eye(gh * gw, dtype=bool)
+    return float(np.corrcoef(similarity.reshape(gh * gw, gh * gw)[pairs], -distance[pairs])[0, 1])
 
 
 # ---- figure 7 right: mean attention distance ----

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vitkit.model.pos_embed import resample_pos_embed
+from vitkit.model.pos_embed import resample_position_state
 from vitkit.model.vit import ViT, ViTConfig
 
 
@@ -43,8 +43,8 @@ def adapt_for_finetune(
 
     - the head is replaced by a zero-initialised linear layer for `num_classes`;
     - the tanh pre-logits layer is dropped (as in the paper) unless `keep_pre_logits`;
-    - at another `img_size` the patch size is kept (a longer sequence) and the learned position
-      embedding is resampled in 2D once, so the new model stores it at the new grid;
+    - at another `img_size` the patch size is kept (a longer sequence) and the learned position tables are
+      resampled once (see `resample_position_state`), so the new model stores them at the new grid;
     - at another `in_chans` the patch embedding follows `adapt_input_channels`;
     - `overrides` set fields that weights do not hold (dropout, attn_dropout, drop_path, patch_dropout).
     """
@@ -65,13 +65,14 @@ def adapt_for_finetune(
     if not keep_pre_logits:
         fields["representation_size"] = None
     cfg = ViTConfig.from_dict(fields)
-    new = ViT(cfg).to(device=model.pos_embed.device, dtype=model.pos_embed.dtype)
+    weight = model.patch_embed.proj.weight
+    new = ViT(cfg).to(device=weight.device, dtype=weight.dtype)
 
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
     if not keep_pre_logits:
         state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
-    state["pos_embed"] = resample_pos_embed(state["pos_embed"], cfg.grid_size, old.grid_size,
-                                            old.num_prefix_tokens, old.pos_embed_interp)
+    state = resample_position_state(state, old.pos_embed, cfg.grid_size, old.grid_size, old.num_prefix_tokens,
+                                    old.pos_embed_interp)
     state["patch_embed.proj.weight"] = adapt_input_channels(state["patch_embed.proj.weight"], cfg.in_chans)
     missing, unexpected = new.load_state_dict(state, strict=False)
     head_keys = {"head.weight", "head.bias"}

@@ -61,7 +61,9 @@ def count_parameters(cfg: ViTConfig) -> int:
     d, m = cfg.width, cfg.mlp_dim
     gh, gw = cfg.grid_size
     embed = cfg.in_chans * cfg.patch_size**2 * d + d
-    tokens = (cfg.num_prefix_tokens + gh * gw) * d + cfg.num_prefix_tokens * d  # pos_embed + cls
+    positions = {"learned": (cfg.num_prefix_tokens + gh * gw) * d, "learned_2d": (gh + gw) * (d // 2),
+                 "relative": cfg.depth * cfg.heads * (2 * gh - 1) * (2 * gw - 1)}.get(cfg.pos_embed, 0)
+    tokens = positions + cfg.num_prefix_tokens * d  # position tables + class token
     block = 2 * 2 * d + (3 * d * d + 3 * d) + (d * d + d) + (d * m + m) + (m * d + d)
     final_norm = 2 * d
     rep = cfg.representation_size

@@ -18,7 +18,17 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from vitkit.model.pos_embed import INTERPOLATION_MODES, resample_pos_embed
+from vitkit.model.pos_embed import (
+    INTERPOLATION_MODES,
+    POS_EMBEDS,
+    concat_2d,
+    relative_index,
+    relative_table_size,
+    resample_1d,
+    resample_pos_embed,
+    resample_relative_table,
+    sincos_2d_table,
+)
 
 POOLS = ("cls", "gap")
 
@@ -57,8 +67,13 @@ class ViTConfig:
     patch_dropout: float = 0.0
     """Fraction of patch tokens left out, at random per image, while training (PatchDropout, Liu et al. 2022;
     timm's patch_drop_rate): the encoder sees fewer tokens, so a step costs less. Prefix tokens always stay."""
+    pos_embed: str = "learned"
+    """Position information (appendix D.4): learned (one learned vector per token, the paper's default), none,
+    learned_2d (learned row and column tables of width D/2, concatenated per patch), sincos_2d (fixed sines and
+    cosines in the same layout) or relative (a learned bias per 2D patch offset and head in every block's
+    attention). Only `learned` gives the class token a position embedding (the token itself is learned)."""
     pos_embed_interp: str = "bicubic"
-    """How the position embedding is resampled for inputs of another size: bicubic or bilinear."""
+    """How learned position tables are resampled for inputs of another size: bicubic or bilinear."""
     name: str = field(default="", compare=False)
     """The variant name this config came from, e.g. "B/16" (informative only)."""
 
@@ -82,6 +97,14 @@ class ViTConfig:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in POOLS:
             raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"pos_embed must be one of {POS_EMBEDS}, got {self.pos_embed!r}")
+        if self.pos_embed == "learned_2d" and self.width % 2:
+            raise ValueError(f"pos_embed 'learned_2d' splits the width into a row half and a column half: width "
+                             f"{self.width} is odd; use an even width")
+        if self.pos_embed == "sincos_2d" and self.width % 4:
+            raise ValueError(f"pos_embed 'sincos_2d' needs a sine and a cosine per axis: width {self.width} is not "
+                             "divisible by 4")
         if self.pos_embed_interp not in INTERPOLATION_MODES:
             raise ValueError(f"pos_embed_interp must be one of {INTERPOLATION_MODES}, got {self.pos_embed_interp!r}")
         for key in ("dropout", "attn_dropout", "drop_path", "patch_dropout"):
@@ -138,9 +161,11 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection."""
+    """Multi-head self-attention with one fused qkv projection, and optionally a learned bias per relative patch
+    offset and head (pos_embed "relative": `relative_grid` is the trained grid of its table)."""
 
-    def __init__(self, width: int, heads: int, attn_dropout: float = 0.0, dropout: float = 0.0):
+    def __init__(self, width: int, heads: int, attn_dropout: float = 0.0, dropout: float = 0.0,
+                 relative_grid: tuple[int, int] | None = None, interp: str = "bicubic"):
         super().__init__()
         self.heads = heads
         self.head_dim = width // heads
@@ -148,11 +173,35 @@ class Attention(nn.Module):
         self.proj = nn.Linear(width, width)
         self.attn_dropout = attn_dropout
         self.proj_drop = nn.Dropout(dropout)
+        self.relative_grid, self.interp = relative_grid, interp
+        self.relative_position_bias_table = (
+            nn.Parameter(torch.zeros(relative_table_size(relative_grid), heads))  # ((2gh - 1)(2gw - 1), h)
+            if relative_grid is not None else None)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def position_bias(self, grid: tuple[int, int], kept: torch.Tensor | None, prefix: int) -> torch.Tensor | None:
+        """(1 or B, h, T, T) attention-logit bias of the relative positions at `grid`, or None without a table.
+
+        `kept` (B, K): the patches PatchDropout kept (their grid indices), or None for all. Prefix tokens get a
+        zero bias to and from every token.
+        """
+        if self.relative_position_bias_table is None:
+            return None
+        table = resample_relative_table(self.relative_position_bias_table, grid, self.relative_grid, self.interp)
+        bias = table[relative_index(grid, table.device)].permute(2, 0, 1)  # (N, N, h) -> (h, N, N)
+        if kept is None:
+            bias = bias.unsqueeze(0)  # (1, h, N, N)
+        else:
+            bias = bias[:, kept[:, :, None], kept[:, None, :]].transpose(0, 1)  # (h, B, K, K) -> (B, h, K, K)
+        return F.pad(bias, (prefix, 0, prefix, 0))  # (., h, T, T)
+
+    def forward(self, x: torch.Tensor, need_weights: bool = False,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, T, D) tokens -> (B, T, D), and the (B, h, T, T) attention weights if `need_weights`. `bias`
+        (1 or B, h, T, T) is added to the attention logits."""
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, h, T, hd)
         q, k, v = qkv.unbind(0)  # each (B, h, T, hd)
+        bias = bias.to(q.dtype) if bias is not None else None
         dropout_p = self.attn_dropout if self.training else 0.0
         # The fused kernel, except when the caller wants the weights, or for bf16 on a CPU: there PyTorch's
         # flash-attention kernel is far slower than three plain matmuls (its backward about 5x at 50 tokens,
@@ -160,23 +209,26 @@ class Attention(nn.Module):
         # probabilities in backward, as the fused kernel does, so training memory stays at its level (except
         # with attention dropout, whose mask the recomputation would have to keep).
         cpu_bf16 = q.dtype == torch.bfloat16 and q.device.type == "cpu"
-        if need_weights or (dropout_p > 0 and cpu_bf16):
+        # Exported with a dynamic size, the fused kernel with a bias decomposes into a graph whose output layout
+        # the exporter gets wrong (torch 2.14): the explicit matmuls export correctly.
+        biased_export = bias is not None and torch.compiler.is_exporting()
+        if need_weights or (dropout_p > 0 and cpu_bf16) or biased_export:
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
-            attn = attn.softmax(dim=-1)
+            attn = (attn if bias is None else attn + bias).softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
             attn = attn if need_weights else None
         elif cpu_bf16:
             attn = None
-            out = _RecomputedAttention.apply(q, k, v, self.head_dim**-0.5)  # (B, h, T, hd)
+            out = _RecomputedAttention.apply(q, k, v, self.head_dim**-0.5, bias)  # (B, h, T, hd)
         else:
             attn = None
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)  # (B, h, T, hd)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)  # (B, h, T, hd)
         out = out.transpose(1, 2).reshape(b, t, d)  # (B, T, D)
         return self.proj_drop(self.proj(out)), attn
 
 
 class _RecomputedAttention(torch.autograd.Function):
-    """softmax(scale * q k^T) v as plain matmuls, keeping only q, k and v for the backward pass.
+    """softmax(scale * q k^T + bias) v as plain matmuls, keeping only q, k, v (and the bias) for the backward pass.
 
     Autograd through the explicit matmuls would keep the (B, h, T, T) probabilities and the scaled q of
     every layer until backward; recomputing them there (one extra matmul and softmax per layer) holds
@@ -184,24 +236,32 @@ class _RecomputedAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(q, k, v)
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.save_for_backward(q, k, v, bias)
         ctx.scale = scale
-        probs = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T)
+        probs = _biased((q * scale) @ k.transpose(-2, -1), bias).softmax(dim=-1)  # (B, h, T, T)
         return probs @ v  # (B, h, T, hd)
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, None]:
-        q, k, v = ctx.saved_tensors
+    def backward(ctx, grad_out: torch.Tensor):
+        q, k, v, bias = ctx.saved_tensors
         q_scaled = q * ctx.scale
-        probs = (q_scaled @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, h, T, T), as in forward
+        probs = _biased(q_scaled @ k.transpose(-2, -1), bias).softmax(dim=-1)  # (B, h, T, T), as in forward
         grad_v = probs.transpose(-2, -1) @ grad_out  # (B, h, T, hd)
         # softmax's own backward kernel: it accumulates in fp32 without fp32 copies of (B, h, T, T) tensors
         grad_scores = torch.ops.aten._softmax_backward_data(grad_out @ v.transpose(-2, -1), probs, -1, probs.dtype)
         del probs  # of the (B, h, T, T) tensors only grad_scores stays alive for the last two matmuls
         grad_q = (grad_scores @ k) * ctx.scale  # (B, h, T, hd)
         grad_k = grad_scores.transpose(-2, -1) @ q_scaled  # (B, h, T, hd)
-        return grad_q, grad_k, grad_v, None
+        grad_bias = None
+        if bias is not None and ctx.needs_input_grad[4]:
+            grad_bias = grad_scores.sum(0, keepdim=True) if bias.shape[0] == 1 else grad_scores  # bias's shape
+        return grad_q, grad_k, grad_v, None, grad_bias
+
+
+def _biased(scores: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return scores if bias is None else scores + bias
 
 
 class Mlp(nn.Module):
@@ -238,13 +298,16 @@ class Block(nn.Module):
     def __init__(self, cfg: ViTConfig, drop_path: float = 0.0):
         super().__init__()
         self.norm1 = nn.LayerNorm(cfg.width, eps=1e-6)
-        self.attn = Attention(cfg.width, cfg.heads, cfg.attn_dropout, cfg.dropout)
+        relative_grid = cfg.grid_size if cfg.pos_embed == "relative" else None
+        self.attn = Attention(cfg.width, cfg.heads, cfg.attn_dropout, cfg.dropout, relative_grid,
+                              cfg.pos_embed_interp)
         self.norm2 = nn.LayerNorm(cfg.width, eps=1e-6)
         self.mlp = Mlp(cfg.width, cfg.mlp_dim, cfg.dropout)
         self.drop_path = DropPath(drop_path)
 
-    def forward(self, x: torch.Tensor, need_weights: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        attn_out, attn = self.attn(self.norm1(x), need_weights)
+    def forward(self, x: torch.Tensor, need_weights: bool = False,
+                bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attn_out, attn = self.attn(self.norm1(x), need_weights, bias)
         x = x + self.drop_path(attn_out)
         x = x + self.drop_path(self.mlp(self.norm2(x)))
         return x, attn  # (B, T, D), (B, h, T, T) or None
@@ -276,8 +339,13 @@ class ViT(nn.Module):
         d = cfg.width
         self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.num_prefix_tokens else None
-        num_tokens = cfg.num_prefix_tokens + cfg.grid_size[0] * cfg.grid_size[1]
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d))
+        gh, gw = cfg.grid_size
+        num_tokens = cfg.num_prefix_tokens + gh * gw
+        learned = cfg.pos_embed == "learned"
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, d)) if learned else None  # (1, T, D)
+        if cfg.pos_embed == "learned_2d":
+            self.pos_embed_row = nn.Parameter(torch.zeros(1, gh, d // 2))  # (1, gh, D/2)
+            self.pos_embed_col = nn.Parameter(torch.zeros(1, gw, d // 2))  # (1, gw, D/2)
         self.pos_drop = nn.Dropout(cfg.dropout)
         rates = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, rate) for rate in rates)
@@ -304,7 +372,9 @@ class ViT(nn.Module):
     def init_weights(self) -> None:
         """The official initialisation (Flax ViT): position embedding normal(0.02), class token zero, LeCun-normal
         patch projection, xavier-uniform linear layers with biases normal(1e-6), zero head."""
-        nn.init.normal_(self.pos_embed, std=0.02)
+        for name, param in self.named_parameters():
+            if name.startswith("pos_embed") or name.endswith("relative_position_bias_table"):
+                nn.init.normal_(param, std=0.02)
         if self.cls_token is not None:
             nn.init.zeros_(self.cls_token)
         # The patch projection is LeCun-normal, as Flax's default conv init.
@@ -330,8 +400,8 @@ class ViT(nn.Module):
         """Replace the head by a zero-initialised one for `num_classes` classes (0 = no head)."""
         if not isinstance(num_classes, int) or num_classes < 0:
             raise ValueError(f"num_classes must be an integer >= 0, got {num_classes!r}")
-        device = self.pos_embed.device
-        self.head = self._new_head(num_classes).to(device=device, dtype=self.pos_embed.dtype)
+        weight = self.patch_embed.proj.weight
+        self.head = self._new_head(num_classes).to(device=weight.device, dtype=weight.dtype)
         self.cfg.num_classes = num_classes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -347,21 +417,35 @@ class ViT(nn.Module):
         """
         return self.patch_embed(x)
 
-    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor:
-        """(1, T, D) position embedding for a patch grid, resampled in 2D if it is not the trained one."""
-        return resample_pos_embed(
-            self.pos_embed, grid, self.cfg.grid_size, self.cfg.num_prefix_tokens, self.cfg.pos_embed_interp
-        )
+    def pos_embed_for(self, grid: tuple[int, int]) -> torch.Tensor | None:
+        """(1, T, D) position embedding added to the tokens at a patch grid (learned tables resampled if it is not
+        the trained one), or None for the kinds that add none ("none", "relative")."""
+        cfg = self.cfg
+        if cfg.pos_embed == "learned":
+            return resample_pos_embed(self.pos_embed, grid, cfg.grid_size, cfg.num_prefix_tokens, cfg.pos_embed_interp)
+        if cfg.pos_embed == "learned_2d":
+            rows = resample_1d(self.pos_embed_row, grid[0], cfg.pos_embed_interp)[0]  # (gh, D/2)
+            cols = resample_1d(self.pos_embed_col, grid[1], cfg.pos_embed_interp)[0]  # (gw, D/2)
+            table = concat_2d(rows, cols)  # (1, N, D)
+        elif cfg.pos_embed == "sincos_2d":
+            weight = self.patch_embed.proj.weight
+            table = sincos_2d_table(grid, cfg.width, weight.device).to(weight.dtype)  # (1, N, D)
+        else:
+            return None
+        return F.pad(table, (0, 0, cfg.num_prefix_tokens, 0))  # (1, T, D): the class token gets none
 
     def _tokens(self, patches: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         b = patches.shape[0]
         if self.cls_token is not None:
             patches = torch.cat([self.cls_token.expand(b, -1, -1), patches], dim=1)  # (B, T, D)
-        return self.pos_drop(patches + self.pos_embed_for(grid))
+        pos = self.pos_embed_for(grid)
+        return self.pos_drop(patches if pos is None else patches + pos)
 
-    def _drop_patches(self, tokens: torch.Tensor, patch_noise: torch.Tensor | None) -> torch.Tensor:
+    def _drop_patches(self, tokens: torch.Tensor,
+                      patch_noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, D) -> (B, P + K, D): the P prefix tokens and the K = (1 - patch_dropout) N patch tokens of
-        lowest noise, (B, N) uniform draws from torch's global RNG unless `patch_noise` gives them."""
+        lowest noise, (B, N) uniform draws from torch's global RNG unless `patch_noise` gives them; and the (B, K)
+        grid indices of the patches kept."""
         prefix = self.cfg.num_prefix_tokens
         patches = tokens[:, prefix:]  # (B, N, D)
         b, n, d = patches.shape
@@ -373,7 +457,7 @@ class ViT(nn.Module):
                              f"{tuple(patch_noise.shape)}")
         chosen = patch_noise.argsort(dim=1)[:, :keep]  # (B, K), without replacement
         kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D), position embedding included
-        return torch.cat([tokens[:, :prefix], kept], dim=1)
+        return torch.cat([tokens[:, :prefix], kept], dim=1), chosen
 
     def encode(self, patches: torch.Tensor, grid: tuple[int, int],
                patch_noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -383,21 +467,23 @@ class ViT(nn.Module):
         with the lowest `patch_noise` (B, N), random scores the caller may draw itself (a trainer does,
         to make the choice independent of how a batch is split), else drawn here. Unused otherwise.
         """
-        x = self._tokens(patches, grid)
+        x, kept = self._tokens(patches, grid), None
         if self.training and self.cfg.patch_dropout > 0:
-            x = self._drop_patches(x, patch_noise)  # (B, P + K, D)
-        return self._run_blocks(x).tokens
+            x, kept = self._drop_patches(x, patch_noise)  # (B, P + K, D), (B, K)
+        return self._run_blocks(x, grid, kept).tokens
 
-    def _run_blocks(self, x: torch.Tensor, keep: frozenset[int] = frozenset(),
-                    attention: bool = False) -> Intermediates:
-        """(B, T, D) tokens through every block and the final norm, keeping the outputs of the blocks in `keep`
-        (and their attention weights if `attention`)."""
+    def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor | None = None,
+                    keep: frozenset[int] = frozenset(), attention: bool = False) -> Intermediates:
+        """(B, T, D) tokens of the patches `kept` ((B, K) grid indices; None: all) of a `grid` through every block
+        and the final norm, keeping the outputs of the blocks in `keep` (and their attention weights if
+        `attention`)."""
         hidden, attns = [], []
         for i, block in enumerate(self.blocks):
+            bias = block.attn.position_bias(grid, kept, self.cfg.num_prefix_tokens)  # None but for "relative"
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, attn = checkpoint(block, x, attention and i in keep, use_reentrant=False)
+                x, attn = checkpoint(block, x, attention and i in keep, bias, use_reentrant=False)
             else:
-                x, attn = block(x, need_weights=attention and i in keep)
+                x, attn = block(x, need_weights=attention and i in keep, bias=bias)
             if i in keep:
                 hidden.append(x)
                 if attention:
@@ -425,7 +511,7 @@ class ViT(nn.Module):
                 raise ValueError(f"block index {i} is out of range for a {depth}-block encoder")
             keep.add(i % depth)
         patches, grid = self.embed_patches(x)
-        return self._run_blocks(self._tokens(patches, grid), frozenset(keep), attention)
+        return self._run_blocks(self._tokens(patches, grid), grid, None, frozenset(keep), attention)
 
     # ---- head ----
 

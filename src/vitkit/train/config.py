@@ -29,6 +29,10 @@ class ModelOptions:
     """Classify the class token ('cls') or the mean patch token ('gap')."""
     representation_size: int | None = None
     """Width of a tanh pre-logits layer (None: none)."""
+    pos_embed: Literal["learned", "none", "learned_2d", "sincos_2d", "relative"] | None = "learned"
+    """Position information: learned (one learned vector per token, the paper's), none, learned_2d (learned row and
+    column tables of width D/2, concatenated per patch), sincos_2d (fixed sines and cosines, same layout) or
+    relative (a learned bias per 2D patch offset and head, in every block's attention)."""
     dropout: float = 0.0
     """Dropout rate after the position embedding, in the MLPs and after the attention projection."""
     attn_dropout: float = 0.0
@@ -52,7 +56,7 @@ class ModelOptions:
 
             dims = decode_variant(self.name)
             given = {k: dims[k] for k in ("patch_size", "width", "depth", "heads", "mlp_dim")}
-        for key in ("width", "depth", "heads", "mlp_dim", "pool"):
+        for key in ("width", "depth", "heads", "mlp_dim", "pool", "pos_embed"):
             if getattr(self, key) is not None:
                 given[key] = getattr(self, key)
         return given
@@ -274,7 +278,7 @@ def finetune_defaults() -> TrainConfig:
     The architecture comes from the pretrained weights, so the model fields are unset; PatchDropout is off.
     """
     return TrainConfig(
-        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None,
+        model=ModelOptions(name=None, width=None, depth=None, heads=None, mlp_dim=None, pool=None, pos_embed=None,
                            patch_dropout=0.0),
         data=DataOptions(dataset="mnist-subset", crop="none", flip=False),
         optim=OptimOptions(optimizer="sgd", lr=0.01, weight_decay=0.0, momentum=0.9, batch_size=64, epochs=10.0,

@@ -9,7 +9,7 @@ from torch import nn
 
 # Parameters that carry no weight decay: biases, norm scales, and the learned embeddings that
 # are positions or a single token rather than a projection.
-_NO_DECAY_NAMES = ("pos_embed", "cls_token", "mask_token", "mask_embedding")
+_NO_DECAY_NAMES = ("pos_embed", "relative_position_bias_table", "cls_token", "mask_token", "mask_embedding")
 
 
 def parameter_groups(modules: nn.Module | list[nn.Module], weight_decay: float) -> list[dict]:

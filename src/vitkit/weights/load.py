@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from vitkit.model import ViT, ViTConfig, resample_pos_embed
+from vitkit.model import ViT, ViTConfig, resample_pos_embed, resample_position_state
 from vitkit.weights.convert import to_vitkit
 from vitkit.weights.errors import WeightsError
 from vitkit.weights.files import read_weights, unwrap_state_dict
@@ -143,6 +143,7 @@ def _load(model: ViT, state: dict[str, torch.Tensor], metadata: dict[str, str], 
                            f"build the model with heads={heads}")
     _check_pool(sd, cfg)
     _fit_head(model, sd, reset_head, report)
+    _check_position_kind(sd, cfg, stored)
     _fit_pos_embed(sd, cfg, stored, report)
     _check_keys(model, sd, strict, report)
     with torch.no_grad():
@@ -197,8 +198,33 @@ def _fit_head(model: ViT, sd: dict[str, torch.Tensor], reset_head: bool, report:
         )
 
 
+def _position_kind(sd: dict[str, torch.Tensor]) -> str | None:
+    """The kind of position information a state dict holds, where its keys tell (not "none" from "sincos_2d")."""
+    if "pos_embed" in sd:
+        return "learned"
+    if "pos_embed_row" in sd:
+        return "learned_2d"
+    if any(key.endswith("relative_position_bias_table") for key in sd):
+        return "relative"
+    return None
+
+
+def _check_position_kind(sd: dict[str, torch.Tensor], cfg: ViTConfig, stored: ViTConfig | None) -> None:
+    theirs = stored.pos_embed if stored is not None else _position_kind(sd)
+    if theirs is not None and theirs != cfg.pos_embed:
+        raise WeightsError(f"the weights use the position embedding {theirs!r} but the model uses "
+                           f"{cfg.pos_embed!r}: build the model with pos_embed={theirs!r}")
+
+
 def _fit_pos_embed(sd: dict[str, torch.Tensor], cfg: ViTConfig, stored: ViTConfig | None,
                    report: LoadReport) -> None:
+    if cfg.pos_embed != "learned":
+        # The other kinds are only in vitkit files, which say their grid; a fixed or absent table has none to fit.
+        if stored is not None and stored.grid_size != cfg.grid_size:
+            sd.update(resample_position_state(sd, cfg.pos_embed, cfg.grid_size, stored.grid_size,
+                                              cfg.num_prefix_tokens, cfg.pos_embed_interp))
+            report.pos_embed_resampled = (tuple(stored.grid_size), tuple(cfg.grid_size))
+        return
     pos = sd.get("pos_embed")
     if pos is None or pos.ndim != 3 or pos.shape[0] != 1 or pos.shape[2] != cfg.width:
         return  # absent or of another width: the key check reports it

@@ -173,6 +173,10 @@ def to_official(state_dict: dict[str, torch.Tensor], heads: int) -> dict[str, np
 
 def export_npz(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write `model` as an official-layout .npz (readable by the official code and timm's npz loader), atomically."""
+    kind = model.cfg.pos_embed
+    if kind != "learned":
+        raise ValueError(f"the official .npz layout holds a learned 1D position embedding only; this model's is "
+                         f"{kind!r}: write it as vitkit .safetensors or ONNX instead")
     return write_npz(to_official(model.state_dict(), model.cfg.heads), path)
 
 
