@@ -253,3 +253,17 @@ def test_grid_correlation_tells_a_structured_embedding_from_a_random_one():
     assert vitkit.inspect.pos_embed_grid_correlation(tiny("sincos_2d")) > 0.5  # 0.68 at width 32
     with pytest.raises(ValueError, match="adds no position embedding"):
         vitkit.inspect.pos_embed_grid_correlation(tiny("relative"))
+
+
+@pytest.mark.parametrize("kind", ["learned_2d", "sincos_2d", "relative"])
+def test_every_kind_runs_in_the_inference_modes(kind):
+    from vitkit.inference_modes import InferenceModel
+
+    model = tiny(kind)
+    images = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = model(images)
+    scale = float(expected.abs().max())
+    for precision, tolerance in (("fp32", 1e-5), ("bf16", 0.05), ("bf16-mixed", 0.05), ("int8", 0.1)):
+        got = InferenceModel(model, precision)(images)
+        assert float((got - expected).abs().max()) < tolerance * scale, precision
