@@ -267,3 +267,16 @@ def test_every_kind_runs_in_the_inference_modes(kind):
     for precision, tolerance in (("fp32", 1e-5), ("bf16", 0.05), ("bf16-mixed", 0.05), ("int8", 0.1)):
         got = InferenceModel(model, precision)(images)
         assert float((got - expected).abs().max()) < tolerance * scale, precision
+
+
+def test_inspection_leaves_out_the_position_figure_of_a_model_without_one(tmp_path):
+    from vitkit.inspect import ANALYSES, write_inspection
+
+    model = tiny("relative")
+    images = torch.randn(2, 1, 28, 28)
+    written = write_inspection(model, images, tmp_path / "all", ANALYSES)
+    assert sorted(written) == sorted(["filters", "attention_distance", "rollout", "arrays"])
+    with pytest.raises(ValueError, match="pos_embed='relative'"):
+        write_inspection(model, images, tmp_path / "some", ["filters", "pos_embed"])
+    assert not (tmp_path / "some").exists()
+    assert "pos_embed" in write_inspection(tiny("learned_2d"), images, tmp_path / "2d", ANALYSES)

@@ -87,6 +87,9 @@ def write_inspection(model: nn.Module, images: torch.Tensor | None, out_dir: str
     pos_embed_similarity (gh, gw, gh, gw); attention_distance (L, h) in pixels; rollout_maps (B, gh, gw),
     rollout_matrices (B, T, T), rollout_source (0-d string).
 
+    The full set leaves "pos_embed" out for a model that adds no position embedding (pos_embed "none" or
+    "relative"); asked for with fewer, it is a ValueError.
+
     Every input is checked before anything is written (ValueError naming the bad value: an unknown analysis,
     images the model cannot take or an empty batch, mean/std of the wrong length, `out_dir` an existing file);
     then the output is built in a temporary directory beside `out_dir` and renamed into place, so a failure
@@ -95,6 +98,11 @@ def write_inspection(model: nn.Module, images: torch.Tensor | None, out_dir: str
     """
     names = check_analyses(analyses)
     cfg = model.cfg
+    if "pos_embed" in names and cfg.pos_embed in ("none", "relative"):
+        if set(names) != set(ANALYSES):
+            raise ValueError(f"the pos_embed analysis needs a position embedding, and this model adds none "
+                             f"(pos_embed={cfg.pos_embed!r}): leave it out of the analyses")
+        names = tuple(name for name in names if name != "pos_embed")  # the full set: all that apply
     if any(name in NEEDS_IMAGES for name in names):
         if images is None:
             raise ValueError(f"the analyses {[n for n in names if n in NEEDS_IMAGES]} need images, got None")
