@@ -9,16 +9,22 @@ from __future__ import annotations
 import torch
 
 from vitkit.model.pos_embed import resample_position_state
+from vitkit.model.resnet_stem import root_conv_key
 from vitkit.model.vit import ViT, ViTConfig
 
 
 def adapt_input_channels(weight: torch.Tensor, in_chans: int) -> torch.Tensor:
-    """Patch-embedding kernel (D, C, P, P) for `in_chans` input channels.
+    """Patch-embedding kernel (D, C, P, P) (or a hybrid's root convolution, (64, C, 7, 7)) for `in_chans` channels.
 
     The rule keeps the function on grey content: going from 1 to C channels, the kernel is repeated
     and divided by C, so a grey image copied into C channels gives exactly the old embedding; going
     from C to 1, the kernels are summed, so a grey image gives what its C-channel copy gave before.
     Other changes (e.g. 3 -> 4) are refused.
+
+    A hybrid's root convolution is weight-standardised, which undoes any scale of its kernel: 1 -> C gives C times
+    the old output, which the GroupNorm after it removes (exact up to its epsilon); C -> 1 changes each output
+    channel's scale by the ratio of the standard deviations of the old and the summed kernel, which GroupNorm,
+    normalising two channels together, does not undo: an approximation, as it is in timm.
     """
     old = weight.shape[1]
     if in_chans == old:
@@ -45,7 +51,9 @@ def adapt_for_finetune(
     - the tanh pre-logits layer is dropped (as in the paper) unless `keep_pre_logits`;
     - at another `img_size` the patch size is kept (a longer sequence) and the learned position tables are
       resampled once (see `resample_position_state`), so the new model stores them at the new grid;
-    - at another `in_chans` the patch embedding follows `adapt_input_channels`;
+    - at another `in_chans` the patch embedding (a hybrid's root convolution) follows `adapt_input_channels`;
+    - a hybrid keeps its ResNet; at another `img_size` only the feature map's grid, and so the position
+      tables, change;
     - `overrides` set fields that weights do not hold (dropout, attn_dropout, drop_path, patch_dropout).
     """
     allowed = {"dropout", "attn_dropout", "drop_path", "patch_dropout"}
@@ -73,7 +81,9 @@ def adapt_for_finetune(
         state = {k: v for k, v in state.items() if not k.startswith("pre_logits.")}
     state = resample_position_state(state, old.pos_embed, cfg.grid_size, old.grid_size, old.num_prefix_tokens,
                                     old.pos_embed_interp)
-    state["patch_embed.proj.weight"] = adapt_input_channels(state["patch_embed.proj.weight"], cfg.in_chans)
+    first = ("patch_embed.proj.weight" if cfg.stem_layers is None
+             else "patch_embed.backbone." + root_conv_key(cfg.stem_layers))  # the convolution that takes the image
+    state[first] = adapt_input_channels(state[first], cfg.in_chans)
     missing, unexpected = new.load_state_dict(state, strict=False)
     head_keys = {"head.weight", "head.bias"}
     if set(missing) - head_keys or unexpected:

@@ -4,6 +4,10 @@ One file, read top to bottom: the config, then PatchEmbed -> Attention -> Mlp ->
 Shapes: B batch, C channels, H x W image, P patch, (gh, gw) patch grid, N = gh * gw patches,
 T = N + prefix tokens (1 with a class token), D width, h heads, hd = D / h head width.
 
+The hybrid of section 3.1 (`stem_layers` set) differs only in its patch embedding, HybridEmbed: a ResNet
+(model/resnet_stem.py) turns the image into a feature map of stride s, and the patches are cut from that map
+(P = 1 in the paper), so a token spans s * P pixels a side. Everything after the patch embedding is the same.
+
 Parameter names follow timm's VisionTransformer, so timm state dicts load without renaming.
 """
 
@@ -29,17 +33,31 @@ from vitkit.model.pos_embed import (
     resample_relative_table,
     sincos_2d_table,
 )
+from vitkit.model.resnet_stem import (
+    Bottleneck,
+    ResNet,
+    StdConv2d,
+    build_stem,
+    check_layers,
+    stem_channels,
+    stem_stride,
+)
 
 POOLS = ("cls", "gap")
 
 
-def check_image_size(size: tuple[int, int], patch_size: int, what: str = "image size") -> None:
-    """Refuse an (H, W) that the patch size does not divide, suggesting the nearest multiples."""
+def check_image_size(size: tuple[int, int], patch_size: int, what: str = "image size", stem_stride: int = 1) -> None:
+    """Refuse an (H, W) that the patch size (times a hybrid's ResNet stride) does not divide, suggesting the nearest
+    multiples."""
     h, w = size
-    if h % patch_size or w % patch_size:
-        nearest = sorted({patch_size * max(1, round(side / patch_size)) for side in (h, w)})
-        raise ValueError(f"{what} {h}x{w} is not divisible by the patch size {patch_size}: use a multiple of "
-                         f"{patch_size} (e.g. {', '.join(map(str, nearest))})")
+    stride = patch_size * stem_stride
+    if h % stride or w % stride:
+        nearest = ", ".join(map(str, sorted({stride * max(1, round(side / stride)) for side in (h, w)})))
+        if stem_stride == 1:
+            raise ValueError(f"{what} {h}x{w} is not divisible by the patch size {patch_size}: use a multiple of "
+                             f"{patch_size} (e.g. {nearest})")
+        raise ValueError(f"{what} {h}x{w} is not divisible by the total stride {stride} of the hybrid (ResNet stride "
+                         f"{stem_stride} x patch size {patch_size}): use a multiple of {stride} (e.g. {nearest})")
 
 
 @dataclass
@@ -74,6 +92,10 @@ class ViTConfig:
     attention). Only `learned` gives the class token a position embedding (the token itself is learned)."""
     pos_embed_interp: str = "bicubic"
     """How learned position tables are resampled for inputs of another size: bicubic or bilinear."""
+    stem_layers: tuple[int, ...] | None = None
+    """The hybrid's ResNet (section 3.1), as units per stage: None for none (patches cut from the image), () for the
+    root block alone (stride 4), (3, 4, 9) for the paper's R50 of three stages (stride 16), up to four stages
+    (stride 32). The patches of `patch_size` are then cut from its feature map; see model/resnet_stem.py."""
     name: str = field(default="", compare=False)
     """The variant name this config came from, e.g. "B/16" (informative only)."""
 
@@ -92,7 +114,9 @@ class ViTConfig:
             raise ValueError(f"num_classes must be an integer >= 0 (0 = no head), got {self.num_classes!r}")
         if len(self.img_size) != 2 or min(self.img_size) < 1:
             raise ValueError(f"img_size must be a positive int or (H, W), got {self.img_size!r}")
-        check_image_size(self.img_size, self.patch_size)
+        if self.stem_layers is not None:
+            self.stem_layers = check_layers(self.stem_layers)
+        check_image_size(self.img_size, self.patch_size, stem_stride=self.stem_stride)
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.pool not in POOLS:
@@ -115,8 +139,18 @@ class ViTConfig:
             raise ValueError(f"representation_size must be positive or None, got {self.representation_size!r}")
 
     @property
+    def stem_stride(self) -> int:
+        """Pixels per feature-map position of the hybrid's ResNet along each side; 1 without one."""
+        return 1 if self.stem_layers is None else stem_stride(self.stem_layers)
+
+    @property
+    def total_stride(self) -> int:
+        """Pixels per token along each side: the patch size, times the ResNet's stride in a hybrid."""
+        return self.stem_stride * self.patch_size
+
+    @property
     def grid_size(self) -> tuple[int, int]:
-        return self.img_size[0] // self.patch_size, self.img_size[1] // self.patch_size
+        return self.img_size[0] // self.total_stride, self.img_size[1] // self.total_stride
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -136,6 +170,19 @@ class ViTConfig:
         return cls(**d)
 
 
+def _check_images(x: torch.Tensor, in_chans: int) -> tuple[int, int]:
+    """The (H, W) of a (B, C, H, W) image batch with the model's C channels, or a ValueError."""
+    if x.ndim != 4:
+        raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
+    _, c, h, w = x.shape
+    if c != in_chans:
+        raise ValueError(
+            f"the model takes {in_chans}-channel images but got {c} channels (input shape "
+            f"{tuple(x.shape)}); convert the images or build the model with in_chans={c}"
+        )
+    return h, w
+
+
 class PatchEmbed(nn.Module):
     """Cut the image into PxP patches and project each to width D (a PxP conv with stride P)."""
 
@@ -146,16 +193,29 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, width, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        if x.ndim != 4:
-            raise ValueError(f"expected images of shape (B, C, H, W), got a tensor of shape {tuple(x.shape)}")
-        _, c, h, w = x.shape
-        if c != self.in_chans:
-            raise ValueError(
-                f"the model takes {self.in_chans}-channel images but got {c} channels (input shape "
-                f"{tuple(x.shape)}); convert the images or build the model with in_chans={c}"
-            )
-        check_image_size((h, w), self.patch_size)
+        check_image_size(_check_images(x, self.in_chans), self.patch_size)
         x = self.proj(x)  # (B, D, gh, gw)
+        grid = (x.shape[2], x.shape[3])
+        return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
+
+
+class HybridEmbed(nn.Module):
+    """The hybrid's patch embedding (section 3.1): a ResNet turns the image into a feature map of stride s and C'
+    channels; PxP patches of that map (P = 1 in the paper) are projected to width D. timm's names: the ResNet is
+    `backbone`, the projection `proj`."""
+
+    def __init__(self, stem_layers: tuple[int, ...], patch_size: int, in_chans: int, width: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_chans = in_chans
+        self.stem_stride = stem_stride(stem_layers)
+        self.backbone = build_stem(stem_layers, in_chans)
+        self.proj = nn.Conv2d(stem_channels(stem_layers), width, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        check_image_size(_check_images(x, self.in_chans), self.patch_size, stem_stride=self.stem_stride)
+        x = self.backbone(x)  # (B, C', H/s, W/s)
+        x = self.proj(x)  # (B, D, gh, gw), gh = H / (s P)
         grid = (x.shape[2], x.shape[3])
         return x.flatten(2).transpose(1, 2), grid  # (B, N, D)
 
@@ -337,7 +397,8 @@ class ViT(nn.Module):
         super().__init__()
         self.cfg = cfg
         d = cfg.width
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, d)
+        self.patch_embed = (PatchEmbed(cfg.patch_size, cfg.in_chans, d) if cfg.stem_layers is None
+                            else HybridEmbed(cfg.stem_layers, cfg.patch_size, cfg.in_chans, d))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d)) if cfg.num_prefix_tokens else None
         gh, gw = cfg.grid_size
         num_tokens = cfg.num_prefix_tokens + gh * gw
@@ -371,7 +432,9 @@ class ViT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """The official initialisation (Flax ViT): position embedding normal(0.02), class token zero, LeCun-normal
-        patch projection, xavier-uniform linear layers with biases normal(1e-6), zero head."""
+        patch projection, xavier-uniform linear layers with biases normal(1e-6), zero head. A hybrid's ResNet as in
+        vit_jax/models_resnet.py: LeCun-normal convolutions, GroupNorm scale 1 and bias 0, except a zero scale on
+        each unit's last GroupNorm (so every unit starts as its shortcut)."""
         for name, param in self.named_parameters():
             if name.startswith("pos_embed") or name.endswith("relative_position_bias_table"):
                 nn.init.normal_(param, std=0.02)
@@ -380,6 +443,16 @@ class ViT(nn.Module):
         # The patch projection is LeCun-normal, as Flax's default conv init.
         _lecun_normal_(self.patch_embed.proj.weight)
         nn.init.zeros_(self.patch_embed.proj.bias)
+        if isinstance(self.patch_embed, HybridEmbed):
+            for module in self.patch_embed.backbone.modules():
+                if isinstance(module, StdConv2d):
+                    _lecun_normal_(module.weight)
+                elif isinstance(module, nn.GroupNorm):
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+            for module in self.patch_embed.backbone.modules():
+                if isinstance(module, Bottleneck):
+                    nn.init.zeros_(module.norm3.weight)
         for name, module in self.named_modules():
             if not isinstance(module, nn.Linear) or name == "head":
                 continue
@@ -405,8 +478,12 @@ class ViT(nn.Module):
         self.cfg.num_classes = num_classes
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """Recompute block activations in backward to save memory (same results, more compute)."""
+        """Recompute block activations (and a hybrid's ResNet stages) in backward to save memory (same results, more
+        compute)."""
         self.grad_checkpointing = enable
+        backbone = getattr(self.patch_embed, "backbone", None)
+        if isinstance(backbone, ResNet):
+            backbone.grad_checkpointing = enable
 
     # ---- features ----
 

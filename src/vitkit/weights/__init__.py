@@ -1,4 +1,5 @@
-"""Weights in and out: vitkit's .safetensors files, and timm, HF transformers and official .npz layouts.
+"""Weights in and out: vitkit's .safetensors files, and timm, HF transformers and official .npz layouts (the
+paper's hybrids too, from timm and .npz).
 
 `save_weights` / `load_model` round-trip a model with its config. `load_weights` loads any supported
 file or state dict into a built model, converting layouts and resampling the position embedding.

@@ -14,10 +14,18 @@ FORMATS = ("vitkit", "timm", "hf", "official")
 OFFICIAL_PREFIXES = ("", "opt/target/", "params/", "params/img/")
 HF_PREFIXES = ("vit.", "")
 
+# A hybrid's ResNet, by timm's names: the root block alone is the backbone itself (`backbone.conv`), else
+# `backbone.stem` and `backbone.stages.{i}.blocks.{j}`.
+STEM_KEY = re.compile(
+    r"patch_embed\.backbone\.(?:(?:stem\.)?(?:conv\.weight|norm\.(?:weight|bias))"
+    r"|stages\.(?P<stage>\d+)\.blocks\.(?P<unit>\d+)\."
+    r"(?:conv[123]\.weight|norm[123]\.(?:weight|bias)|downsample\.conv\.weight|downsample\.norm\.(?:weight|bias)))"
+)
+
 _VITKIT_KEY = re.compile(
     r"(patch_embed\.proj|norm|pre_logits\.fc|head"
     r"|blocks\.\d+\.(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2))\.(weight|bias)"
-    r"|cls_token|pos_embed"
+    r"|cls_token|pos_embed|" + STEM_KEY.pattern
 )
 
 
@@ -41,6 +49,27 @@ def detect_format(state_dict: Mapping[str, object]) -> str:
         "HF transformers ViT ('vit.embeddings.patch_embeddings.projection.weight') and the official .npz "
         "('embedding/kernel')"
     )
+
+
+def stem_layers_of(state_dict: Mapping[str, object]) -> tuple[int, ...] | None:
+    """A hybrid's ResNet layout (units per stage) read off vitkit/timm key names; () for the root block alone, None
+    for no ResNet (a plain ViT)."""
+    units: dict[int, int] = {}
+    root = False
+    for key in state_dict:
+        match = STEM_KEY.fullmatch(key)
+        if match is None:
+            continue
+        root = True
+        if match["stage"] is not None:
+            stage = int(match["stage"])
+            units[stage] = max(units.get(stage, 0), int(match["unit"]) + 1)
+    if not root:
+        return None
+    if sorted(units) != list(range(len(units))):
+        raise WeightsError(f"the hybrid's ResNet has the stages {sorted(units)}, not 0, 1, ...: the weights are "
+                           "incomplete")
+    return tuple(units[i] for i in range(len(units)))
 
 
 def official_prefix(state_dict: Mapping[str, object]) -> str | None:

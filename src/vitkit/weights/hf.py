@@ -45,6 +45,9 @@ def from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     prefix = hf_prefix(state_dict)
     if prefix is None:
         raise WeightsError("not an HF transformers ViT state dict: no 'embeddings.patch_embeddings.projection.weight'")
+    if any(key.startswith(f"{prefix}embeddings.patch_embeddings.backbone.") for key in state_dict):
+        raise WeightsError("this is HF transformers' ViTHybrid (a BiT backbone under HF's names), which vitkit "
+                           "does not convert: load the same model's timm or official .npz weights")
     out: dict[str, torch.Tensor] = {}
     qkv: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():

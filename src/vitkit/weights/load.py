@@ -17,9 +17,12 @@ import torch
 from torch import nn
 
 from vitkit.model import ViT, ViTConfig, resample_pos_embed, resample_position_state
+from vitkit.model.resnet_stem import stem_stride
+from vitkit.model.variants import stem_name
 from vitkit.weights.convert import to_vitkit
 from vitkit.weights.errors import WeightsError
 from vitkit.weights.files import read_weights, unwrap_state_dict
+from vitkit.weights.formats import stem_layers_of
 from vitkit.weights.infer import infer_config
 from vitkit.weights.safetensors_io import CONFIG_KEY, PREPROCESS_KEY
 
@@ -141,6 +144,7 @@ def _load(model: ViT, state: dict[str, torch.Tensor], metadata: dict[str, str], 
         # Shapes cannot show this: the same qkv matrix split into other heads is another function.
         raise WeightsError(f"the weights have {heads} attention heads but the model has {cfg.heads}: "
                            f"build the model with heads={heads}")
+    _check_stem(sd, cfg, stored)
     _check_pool(sd, cfg)
     _fit_head(model, sd, reset_head, report)
     _check_position_kind(sd, cfg, stored)
@@ -149,6 +153,30 @@ def _load(model: ViT, state: dict[str, torch.Tensor], metadata: dict[str, str], 
     with torch.no_grad():
         model.load_state_dict(sd, strict=strict)
     return report
+
+
+def _describe_stem(layers: tuple[int, ...] | None) -> str:
+    if layers is None:
+        return "a plain ViT (patches cut from the image, no ResNet)"
+    if not layers:
+        return "a hybrid whose ResNet is the root block alone (stem_layers=())"
+    return f"a hybrid with a ResNet of {len(layers)} stage(s) of {', '.join(map(str, layers))} units " \
+           f"(stem_layers={layers})"
+
+
+def _check_stem(sd: dict[str, torch.Tensor], cfg: ViTConfig, stored: ViTConfig | None) -> None:
+    """Refuse hybrid weights for a plain model, plain weights for a hybrid, and another ResNet layout."""
+    theirs = stored.stem_layers if stored is not None else stem_layers_of(sd)
+    if theirs == cfg.stem_layers:
+        return
+    hint = ("build the model with the weights' config: vitkit.load_pretrained(path) or "
+            "vitkit.weights.infer_config(state_dict) finds it")
+    proj = sd.get("patch_embed.proj.weight")
+    if theirs is not None and stem_name(theirs) is not None and proj is not None and proj.ndim == 4:
+        hint += (f", or vitkit.create_model('{stem_name(theirs)}+<size>/{stem_stride(theirs) * proj.shape[-1]}') "
+                 "with the weights' size")
+    raise WeightsError(f"the weights are {_describe_stem(theirs)} but the model is {_describe_stem(cfg.stem_layers)}: "
+                       f"{hint}")
 
 
 def _check_pool(sd: dict[str, torch.Tensor], cfg: ViTConfig) -> None:

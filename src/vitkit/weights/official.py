@@ -9,6 +9,11 @@ stacked on a leading axis under `Transformer/encoderblock/`). The classic layout
 
 Flax Dense kernels are (in, out), torch Linear weights (out, in). Attention kernels keep the heads
 apart: query/key/value (D, h, hd), out (h, hd, D).
+
+A hybrid's ResNet (vit_jax/models_resnet.py) sits at the top level next to `embedding`, which then projects its
+feature map: `conv_root/kernel`, `gn_root/{scale,bias}`, and per stage i and unit j (from 1)
+`block{i}/unit{j}/{conv1,conv2,conv3,conv_proj}/kernel` and `gn1`..`gn3`, `gn_proj` `{scale,bias}`; convolution
+kernels are (k, k, in, out), torch's (out, in, k, k). These are the names timm's npz loader reads.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import torch
 from torch import nn
 
 from vitkit.weights.errors import WeightsError
-from vitkit.weights.formats import official_prefix
+from vitkit.weights.formats import STEM_KEY, official_prefix
 from vitkit.weights.npz_io import write_npz
 
 _CLASSIC = {"attn": "MultiHeadDotProductAttention_1", "ln2": "LayerNorm_2", "mlp": "MlpBlock_3"}
 _BIG_VISION = {"attn": "MultiHeadDotProductAttention_0", "ln2": "LayerNorm_1", "mlp": "MlpBlock_0"}
-_UNSUPPORTED = {"conv_root/kernel": "a hybrid ResNet stem", "MAPHead_0/probe": "attention pooling (MAP head)"}
+_UNSUPPORTED = {"MAPHead_0/probe": "attention pooling (MAP head)"}
+
+# A ResNet unit's layers: vitkit (timm) name -> official name.
+_UNIT = {"conv1": "conv1", "conv2": "conv2", "conv3": "conv3", "downsample.conv": "conv_proj",
+         "norm1": "gn1", "norm2": "gn2", "norm3": "gn3", "downsample.norm": "gn_proj"}
 
 
 def official_heads(state_dict: dict[str, torch.Tensor]) -> int | None:
@@ -69,6 +78,7 @@ def from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         if value is not None:
             out[name] = value.contiguous()
 
+    _stem_from_official(w, take, put)
     kernel = take("embedding/kernel")
     if kernel.ndim != 4:
         raise WeightsError(f"official 'embedding/kernel' has shape {tuple(kernel.shape)}; vitkit reads the "
@@ -120,6 +130,59 @@ def from_official(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+def _stem_from_official(w: dict[str, torch.Tensor], take, put) -> None:
+    """A hybrid's ResNet, if the checkpoint has one, under vitkit's (timm's) names."""
+    if "conv_root/kernel" not in w:
+        return
+    stages = []  # units per stage
+    while any(k.startswith(f"block{len(stages) + 1}/") for k in w):
+        units = 0
+        while any(k.startswith(f"block{len(stages) + 1}/unit{units + 1}/") for k in w):
+            units += 1
+        stages.append(units)
+    root = "patch_embed.backbone." + ("stem." if stages else "")  # the root block alone is the whole network
+
+    def conv(name: str, ours: str) -> None:
+        kernel = take(f"{name}/kernel")
+        put(ours, None if kernel is None else kernel.permute(3, 2, 0, 1))  # (k, k, in, out) -> (out, in, k, k)
+
+    def norm(name: str, ours: str) -> None:
+        for flax, torch_name in (("scale", "weight"), ("bias", "bias")):
+            value = take(f"{name}/{flax}")
+            put(f"{ours}.{torch_name}", None if value is None else value.reshape(-1))
+
+    conv("conv_root", root + "conv.weight")
+    norm("gn_root", root + "norm")
+    for i, units in enumerate(stages):
+        for j in range(units):
+            for ours, flax in _UNIT.items():
+                name, target = f"block{i + 1}/unit{j + 1}/{flax}", f"patch_embed.backbone.stages.{i}.blocks.{j}.{ours}"
+                if flax.startswith("conv"):
+                    conv(name, target + ".weight")
+                else:
+                    norm(name, target)
+
+
+def _stem_to_official(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A hybrid's ResNet (vitkit/timm names) under the official names; empty for a plain ViT."""
+    out = {}
+    for key, value in sd.items():
+        match = STEM_KEY.fullmatch(key)
+        if match is None:
+            continue
+        layer, _, leaf = key.rpartition(".")  # e.g. "...blocks.0.downsample.conv", "weight"
+        if match["stage"] is None:
+            name = "conv_root" if layer.endswith("conv") else "gn_root"
+        else:
+            prefix = f"patch_embed.backbone.stages.{match['stage']}.blocks.{match['unit']}."
+            name = f"block{int(match['stage']) + 1}/unit{int(match['unit']) + 1}/{_UNIT[layer[len(prefix):]]}"
+        if value.ndim == 4:
+            out[f"{name}/kernel"] = value.permute(2, 3, 1, 0)  # (out, in, k, k) -> (k, k, in, out)
+        else:
+            out[f"{name}/{'scale' if leaf == 'weight' else 'bias'}"] = value
+    return out
+
+
 def _blocks(w: dict[str, torch.Tensor]) -> list[tuple[str, int | None]]:
     """(key prefix, index on the stacked axis or None) of each encoder block, in order."""
     stacked = w.get("Transformer/encoderblock/LayerNorm_0/scale")
@@ -147,6 +210,7 @@ def to_official(state_dict: dict[str, torch.Tensor], heads: int) -> dict[str, np
     }
     if "cls_token" in sd:
         out["cls"] = sd["cls_token"]
+    out.update(_stem_to_official(sd))
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     for i in range(depth):
         b, block = f"blocks.{i}.", f"Transformer/encoderblock_{i}/"
