@@ -139,10 +139,10 @@ def _export_onnx_files(model: ViT, preprocess: dict, out: Path, opts: ExportOpti
     cfg = model.cfg
     sizes = [tuple(cfg.img_size)]
     if opts.dynamic and opts.check:
-        extra = [(s, s) for s in opts.check_sizes] or [(cfg.img_size[0] + 2 * cfg.patch_size,
-                                                         cfg.img_size[1] + 2 * cfg.patch_size)]
+        extra = [(s, s) for s in opts.check_sizes] or [(cfg.img_size[0] + 2 * cfg.total_stride,
+                                                         cfg.img_size[1] + 2 * cfg.total_stride)]
         for size in extra:
-            check_image_size(size, cfg.patch_size, "--check_sizes size")
+            check_image_size(size, cfg.patch_size, "--check_sizes size", stem_stride=cfg.stem_stride)
         sizes += [s for s in extra if s not in sizes]
     int8_name = out.with_suffix("").name + ".int8.onnx"
     with _staged(out) as stage:
@@ -193,10 +193,10 @@ def export_onnx(model: ViT, path: Path, *, dynamic: bool = False, opset: int = 1
     if dynamic:
         # As multiples of the patch, so that the exporter knows the patch divides them (no guard on H % P) and the
         # grid is the symbolic H / P that the position embedding's resampling takes.
-        dims[2] = cfg.patch_size * torch.export.Dim("grid_height", min=1)
-        dims[3] = cfg.patch_size * torch.export.Dim("grid_width", min=1)
+        dims[2] = cfg.total_stride * torch.export.Dim("grid_height", min=1)
+        dims[3] = cfg.total_stride * torch.export.Dim("grid_width", min=1)
         # A grid side of 1 would be fixed like a batch of 1: trace at two patches or more.
-        size = tuple(max(side, 2 * cfg.patch_size) for side in size)
+        size = tuple(max(side, 2 * cfg.total_stride) for side in size)
     example = torch.randn(EXAMPLE_BATCH, cfg.in_chans, *size)
     try:
         program = torch.onnx.export(model, (example,), dynamo=True, dynamic_shapes={"x": dims}, opset_version=opset,

@@ -133,7 +133,7 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
                         on_bad_image=opts.on_bad_image, seed=opts.seed)
     if data.num_classes < 2:
         raise ValueError(f"{opts.data} has {data.num_classes} class: few-shot classification needs at least 2")
-    check_image_size(size, cfg.patch_size, what="--resolution")
+    check_image_size(size, cfg.patch_size, what="--resolution", stem_stride=cfg.stem_stride)
     train_labels = _labels(data.train)
     draws = {k: [few_shot_indices(train_labels, k, opts.seed * 1_000_003 + d) for d in range(opts.draws)]
              for k in opts.shots}  # drawn before anything heavy, so a bad K fails at once

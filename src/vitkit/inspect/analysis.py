@@ -65,10 +65,10 @@ def check_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     if c != cfg.in_chans:
         raise ValueError(f"the model takes {cfg.in_chans}-channel images but the images have {c} channels "
                          f"(shape {tuple(images.shape)})")
-    p = cfg.patch_size
+    p = cfg.total_stride  # pixels per token: the patch size, times the ResNet's stride in a hybrid
     if h < p or w < p:
         raise ValueError(f"image size {h}x{w} is smaller than one {p}x{p} patch of the model")
-    check_image_size((h, w), p)
+    check_image_size((h, w), cfg.patch_size, stem_stride=cfg.stem_stride)
     if not images.is_floating_point():
         images = images.float()
     if not torch.isfinite(images).all():
@@ -78,7 +78,7 @@ def check_images(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
 
 def image_grid(model: nn.Module, images: torch.Tensor) -> tuple[int, int]:
     """The (gh, gw) patch grid the model cuts `images` (B, C, H, W) into."""
-    p = model.cfg.patch_size
+    p = model.cfg.total_stride
     return images.shape[-2] // p, images.shape[-1] // p
 
 
@@ -148,7 +148,9 @@ def _check_tokens(tokens: int, grid: tuple[int, int], num_prefix_tokens: int) ->
 def embedding_filters(model: nn.Module, k: int = 28) -> tuple[np.ndarray, np.ndarray]:
     """Top-k principal components of the patch-embedding filters (figure 7, left).
 
-    Each of the D filters of `model.patch_embed.proj.weight` (D, C, P, P) is flattened to C*P*P values;
+    Each of the D filters of `model.patch_embed.proj.weight` (D, C, P, P) is flattened to C*P*P values (for a
+    hybrid, whose projection sees a feature map, the filters that see pixels: the 64 of the ResNet's 7x7 root
+    convolution, as stored, before their weight standardisation);
     the filters are centred (their mean filter subtracted) and the components come from an SVD of the
     centred (D, C*P*P) matrix. k is clipped to the rank available, min(D, C*P*P) (centring leaves at most
     D - 1 non-zero variances, so with D <= C*P*P the last ratio is 0). Each component's sign is fixed so
@@ -159,7 +161,7 @@ def embedding_filters(model: nn.Module, k: int = 28) -> tuple[np.ndarray, np.nda
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    weight = model.patch_embed.proj.weight.detach().to(device="cpu", dtype=torch.float64).numpy()  # (D, C, P, P)
+    weight = _pixel_filters(model).detach().to(device="cpu", dtype=torch.float64).numpy()  # (D, C, P, P)
     d, c, p, _ = weight.shape
     flat = weight.reshape(d, c * p * p)  # (D, C*P*P): one row per filter
     centred = flat - flat.mean(axis=0, keepdims=True)
@@ -173,6 +175,14 @@ def embedding_filters(model: nn.Module, k: int = 28) -> tuple[np.ndarray, np.nda
     signs = np.sign(components[np.arange(k), peak])
     components *= np.where(signs == 0, 1.0, signs)[:, None]
     return components.reshape(k, c, p, p), ratio  # (k, C, P, P), (k,)
+
+
+def _pixel_filters(model: nn.Module) -> torch.Tensor:
+    """(D, C, P, P) weights of the first layer that sees the pixels."""
+    if model.cfg.stem_layers is None:
+        return model.patch_embed.proj.weight
+    backbone = model.patch_embed.backbone
+    return (backbone.stem if hasattr(backbone, "stem") else backbone).conv.weight  # the root block's 7x7 conv
 
 
 # ---- figure 7 centre: position-embedding similarity ----
@@ -255,7 +265,7 @@ def mean_attention_distance(model: nn.Module, images: torch.Tensor) -> np.ndarra
     """
     images = check_images(model, images)
     attn = capture_attention(model, images)
-    return attention_distance_from_maps(attn, image_grid(model, images), model.cfg.patch_size,
+    return attention_distance_from_maps(attn, image_grid(model, images), model.cfg.total_stride,
                                         model.cfg.num_prefix_tokens)
 
 

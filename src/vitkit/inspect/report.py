@@ -123,7 +123,7 @@ def write_inspection(model: nn.Module, images: torch.Tensor | None, out_dir: str
         attn = capture_attention(model, images)  # once for both analyses: L x (B, h, T, T)
         grid = image_grid(model, images)
         if "attention_distance" in names:
-            arrays["attention_distance"] = attention_distance_from_maps(attn, grid, cfg.patch_size,
+            arrays["attention_distance"] = attention_distance_from_maps(attn, grid, cfg.total_stride,
                                                                         cfg.num_prefix_tokens)
         if "rollout" in names:
             rollout = rollout_from_maps(attn, cfg.num_prefix_tokens, grid)

@@ -318,6 +318,11 @@ class MaskedPatchPrediction(nn.Module):
     def check_model(self, model: nn.Module) -> None:
         """Refuse a model this objective cannot train: PatchDropout on, or another width, channel count or patch."""
         cfg = model.cfg
+        if cfg.stem_layers is not None:
+            raise ValueError(
+                f"the model is a hybrid ({cfg.name or 'a ResNet stem'}): its tokens are patches of a feature map, not "
+                "of the image, so they have no colour to predict; pretrain a plain ViT with MPP"
+            )
         if cfg.patch_dropout > 0:
             raise ValueError(
                 f"the model has patch_dropout {cfg.patch_dropout}: PatchDropout would drop some of the corrupted "

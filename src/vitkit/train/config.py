@@ -15,7 +15,8 @@ class ModelOptions:
     """Which ViT to build. The dataset sets image size, channels and classes."""
 
     name: str | None = "Ti/4"
-    """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16'; the fields below override its dimensions.
+    """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16', or a hybrid '<stem>+<size>/<total stride>' (stems
+    R, R26, R50: a ResNet feature map as the patches), e.g. 'R50+B/16'; the fields below override its dimensions.
     When fine-tuning (--init.weights) the architecture is the weights': leave these unset (null)."""
     width: int | None = 128
     """Token width D (None: the variant's)."""
@@ -55,7 +56,7 @@ class ModelOptions:
             from vitkit.model.variants import decode_variant
 
             dims = decode_variant(self.name)
-            given = {k: dims[k] for k in ("patch_size", "width", "depth", "heads", "mlp_dim")}
+            given = {k: dims[k] for k in ("patch_size", "stem_layers", "width", "depth", "heads", "mlp_dim")}
         for key in ("width", "depth", "heads", "mlp_dim", "pool", "pos_embed"):
             if getattr(self, key) is not None:
                 given[key] = getattr(self, key)

@@ -43,7 +43,7 @@ def model_for_finetune(init: InitOptions, options: ModelOptions, num_classes: in
         raise ValueError("--model.representation_size cannot add a pre-logits layer when fine-tuning; "
                          "--init.keep_pre_logits keeps the pretrained one")
     # Fine-tuning keeps the pretrained patch size, so the resolution must be a multiple of it.
-    check_image_size(img_size, cfg.patch_size, what="--resolution")
+    check_image_size(img_size, cfg.patch_size, what="--resolution", stem_stride=cfg.stem_stride)
     model = adapt_for_finetune(pretrained, num_classes, img_size=img_size, in_chans=in_chans,
                                keep_pre_logits=init.keep_pre_logits, dropout=options.dropout,
                                attn_dropout=options.attn_dropout, drop_path=options.drop_path,
