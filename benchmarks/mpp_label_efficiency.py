@@ -28,8 +28,8 @@ from pathlib import Path
 
 import yaml
 from provenance import machine, revision
+from resumable import step
 
-from vitkit.cli import main as vitkit
 
 FULL = {
     "pretrain_epochs": 40, "fractions": {"1%": 600, "10%": 6000, "100%": None},
@@ -52,26 +52,10 @@ RECIPE = ["--model.patch_dropout", "0", "--data.crop", "pad", "--data.pad", "1",
           "--optim.warmup", "0.05", "--optim.schedule", "cosine"]
 
 
-def run(args: list[str], out: Path, done_file: str = "results.json") -> dict:
-    """`vitkit ARGS --run.out OUT`, unless OUT already holds a finished run; the run's results."""
-    if not (out / done_file).exists():
-        if args[0] == "fewshot":
-            args = [*args, "--out", str(out)]
-        elif (out / "checkpoints" / "last").exists():  # interrupted: continue it as it was configured
-            args = [args[0], "--run.resume", "true", "--run.progress", "false", "--run.out", str(out)]
-        else:
-            args = [*args, "--run.out", str(out)]
-        print("running: vitkit " + " ".join(shlex.quote(a) for a in args), flush=True)
-        code = vitkit(args)
-        if code != 0:
-            raise SystemExit(f"step {out} failed with exit code {code}")
-    return json.loads((out / done_file).read_text())
-
-
 def pretrain(plan: dict, work: Path) -> tuple[Path, dict]:
     out = work / "pretrain"
     args = ["pretrain", *COMMON, *plan["model"], "--optim.epochs", str(plan["pretrain_epochs"])]
-    return out / "model.safetensors", run(args, out)
+    return out / "model.safetensors", step(args, out)
 
 
 def training_minutes(run_dir: Path) -> tuple[float, float]:
@@ -101,7 +85,7 @@ def arm(plan: dict, work: Path, fraction: str, init: str, weights: Path, lr: flo
     if init == "mpp":
         # The architecture comes from the weights; the model options above name the same one.
         args += ["--init.weights", str(weights)]
-    results = run(args, out)
+    results = step(args, out)
     val = results.get("val", {}).get("top1")
     test = results.get("test", {}).get("top1")
     return {"dir": str(out), "lr": lr, "seed": seed, "val_top1": val, "test_top1": test}
@@ -129,7 +113,7 @@ def few_shot(plan: dict, work: Path, weights: Path) -> dict:
     shots = "[" + ",".join(map(str, plan["shots"])) + "]"
     out = {}
     for name, extra in (("mpp", []), ("random init", ["--random_init", "true"])):
-        results = run(["fewshot", "--weights", str(weights), "--data", "fashion-mnist", "--shots", shots, *extra],
+        results = step(["fewshot", "--weights", str(weights), "--data", "fashion-mnist", "--shots", shots, *extra],
                       work / f"fewshot-{name.replace(' ', '-')}", done_file="fewshot.json")
         out[name] = {r["shots"]: (100 * r["mean_top1"], 100 * r["std_top1"]) for r in results["results"]}
     return out

@@ -25,17 +25,14 @@ import json
 import shlex
 import statistics
 import sys
-import time
-from dataclasses import fields
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 from provenance import machine, revision
+from resumable import step, wall_sessions
 
-from vitkit import ViT, ViTConfig, create_model, load_pretrained
-from vitkit.atomic import atomic_write_text
-from vitkit.cli import main as vitkit
+from vitkit import ViT, ViTConfig, load_pretrained
 from vitkit.inspect import pos_embed_grid_correlation
 from vitkit.model.pos_embed import POS_EMBEDS
 
@@ -51,49 +48,6 @@ LEARNED_TABLES = ("learned", "learned_2d")  # the kinds whose embedding starts r
 # Table 8 (ViT-B/16, ImageNet 5-shot linear), the embedding added once at the stem, under the paper's names. Its
 # relative kind is a relative attention over 1D offsets, not vitkit's per-head bias per 2D offset.
 PAPER = {"none": 0.61, "1D (learned)": 0.64, "2D (learned_2d)": 0.64, "relative": 0.64}
-WALL_FILE = "wall.json"
-
-
-def run(args: list[str], out: Path, done_file: str = "results.json") -> dict:
-    """`vitkit ARGS --run.out OUT`, unless OUT already holds a finished run; the run's results.
-
-    A training session's wall time goes into OUT/wall.json when it ends, however it ends, so a run that is
-    interrupted and resumed later reports the time of all its sessions. A session that could not record its time
-    (the process was killed) stays in the file as null, so the report can say the sum is short.
-    """
-    if not (out / done_file).exists():
-        earlier = []
-        if args[0] == "fewshot":
-            args = [*args, "--out", str(out)]
-        elif (out / "checkpoints" / "last").exists():  # interrupted: continue it as it was configured
-            args = [args[0], "--run.resume", "true", "--run.progress", "false", "--run.out", str(out)]
-            earlier = wall_sessions(out)
-        else:  # a fresh start: an earlier session that left no checkpoint left nothing this run uses
-            args = [*args, "--run.out", str(out)]
-        print("running: vitkit " + " ".join(shlex.quote(a) for a in args), flush=True)
-        timed = args[0] == "train"
-        if timed:
-            write_wall_sessions(out, [*earlier, None])
-        started = time.perf_counter()
-        try:
-            code = vitkit(args)
-        finally:
-            if timed:
-                write_wall_sessions(out, [*earlier, round(time.perf_counter() - started, 1)])
-        if code != 0:
-            raise SystemExit(f"step {out} failed with exit code {code}")
-    return json.loads((out / done_file).read_text())
-
-
-def wall_sessions(run_dir: Path) -> list[float | None]:
-    """The wall seconds of each session of a training run as this benchmark measured them (None: not measured)."""
-    path = run_dir / WALL_FILE
-    return json.loads(path.read_text())["sessions_s"] if path.exists() else []
-
-
-def write_wall_sessions(run_dir: Path, sessions: list[float | None]) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / WALL_FILE, json.dumps({"sessions_s": sessions}) + "\n")
 
 
 def grid_correlation(model: ViT) -> float | None:
@@ -106,9 +60,7 @@ def grid_correlation(model: ViT) -> float | None:
 def random_init(cfg: ViTConfig, seed: int) -> ViT:
     """A fresh model of the same architecture as `cfg`, initialised with `seed`."""
     torch.manual_seed(seed)
-    # Every dimension is given, so the variant name only carries the patch size.
-    dims = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.name not in ("name", "patch_size")}
-    return create_model(f"Ti/{cfg.patch_size}", **dims)
+    return ViT(ViTConfig.from_dict(cfg.to_dict()))
 
 
 def one_run(plan: dict, work: Path, kind: str, seed: int) -> dict:
@@ -116,10 +68,10 @@ def one_run(plan: dict, work: Path, kind: str, seed: int) -> dict:
     out = work / f"{kind}-seed{seed}"
     args = ["train", *COMMON, *plan["model"], "--model.pos_embed", kind, "--run.seed", str(seed),
             "--optim.epochs", str(plan["epochs"])]
-    results = run(args, out)
+    results = step(args, out)
     weights = out / "model.safetensors"
     shots = "[" + ",".join(map(str, plan["shots"])) + "]"
-    probe = run(["fewshot", "--weights", str(weights), "--data", "mnist-subset", "--shots", shots],
+    probe = step(["fewshot", "--weights", str(weights), "--data", "mnist-subset", "--shots", shots],
                 work / f"{kind}-seed{seed}-fewshot", done_file="fewshot.json")
     model, _ = load_pretrained(weights)
     sessions = wall_sessions(out)

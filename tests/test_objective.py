@@ -88,7 +88,7 @@ def test_a_second_objective_learns_and_resumes_bit_exactly(tmp_path):
 
 def test_a_second_objective_under_torchrun_matches_one_process(tmp_path):
     script = tmp_path / "run.py"
-    script.write_text(OBJECTIVE + textwrap.dedent(f'''
+    script.write_text(OBJECTIVE + textwrap.dedent('''
         import os
         import sys
         from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
