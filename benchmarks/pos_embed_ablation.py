@@ -193,8 +193,12 @@ def main() -> int:
     parser.add_argument("--work", default="runs/bench-pos-embed",
                         help="where the runs go (a finished one is not re-run)")
     parser.add_argument("--out", default="docs/results", help="where the report goes")
+    parser.add_argument("--epochs", type=float, help=f"epochs per training run (default {FULL['epochs']:g}; "
+                        "the run directories are named by kind and seed, so use another --work for another length)")
     args = parser.parse_args()
-    plan = QUICK if args.quick else FULL
+    plan = dict(QUICK if args.quick else FULL)
+    if args.epochs is not None:
+        plan["epochs"] = args.epochs
     work = Path(args.work)
     started = datetime.now(timezone.utc)
     record = {"benchmark": "position-embedding ablation" + (" (quick)" if args.quick else ""),
