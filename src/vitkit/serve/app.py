@@ -128,12 +128,13 @@ async def read_image(request: Request, classifier: ImageClassifier, opts: ServeO
         data, name = await asyncio.wait_for(read_upload(request, opts.max_upload_bytes), opts.timeout_s)
     except TimeoutError:
         raise HTTPException(408, f"the upload did not arrive within {opts.timeout_s:g} s (--timeout_s)") from None
+    def prepared() -> torch.Tensor:  # decoding and resizing a large image take a while: not on the event loop
+        return classifier.prepare(decode_image(data, classifier.image_mode, name=name, max_pixels=opts.max_pixels))
+
     try:
-        decoded = await run_in_threadpool(decode_image, data, classifier.image_mode, name=name,
-                                          max_pixels=opts.max_pixels)
+        return await run_in_threadpool(prepared), name
     except BadImageError as error:
         raise HTTPException(422, f"{error}. Send a PNG, JPEG, GIF, BMP, TIFF or WebP image.") from None
-    return classifier.prepare(decoded), name
 
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
