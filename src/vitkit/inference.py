@@ -87,18 +87,16 @@ def normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], t
 def evaluate_weights(opts: EvalOptions) -> EvalResult:
     if opts.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {opts.batch_size}")
-    device = resolve_device(opts.device)
-    model, preprocess = load_for_inference(opts.weights, device)
-    cfg = model.cfg
+    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory)
+    cfg = classifier.model.cfg
     data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans,
                         on_bad_image=opts.on_bad_image)
     if cfg.num_classes != data.num_classes:
         raise ValueError(f"the weights classify {cfg.num_classes} classes but {opts.data} has {data.num_classes}; "
                          "fine-tune them on this dataset first")
-    mean, std = normalisation(preprocess, cfg.in_chans)
-    split = Transformed(getattr(data, opts.split), eval_transform(mean, std, cfg.img_size))
-    runner = InferenceModel(model, opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
-    result = evaluate(runner, split, data.num_classes, device, opts.batch_size)
+    split = Transformed(getattr(data, opts.split), classifier.prepare)
+    runner = classifier.runner
+    result = evaluate(runner, split, data.num_classes, classifier.device, opts.batch_size)
     print(f"{opts.data} {opts.split}: top-1 {100 * result.top1:.2f}%  top-5 {100 * result.top5:.2f}%  "
           f"loss {result.loss:.4f}  ({result.count} images)")
     if opts.out:
