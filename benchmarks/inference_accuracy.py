@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import machine, revision
+from provenance import provenance
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
@@ -41,8 +39,7 @@ def main() -> int:
     args = parser.parse_args()
     started = datetime.now(timezone.utc)
     record = {"benchmark": "accuracy cost of the inference modes",
-              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+              **provenance(started),
               "weights": args.weights, "data": args.data, "goals": GOALS, "modes": []}
 
     model, preprocess = load_for_inference(args.weights, torch.device("cpu"))

@@ -20,14 +20,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from provenance import machine, revision
+from provenance import provenance
 from resumable import step
 
 
@@ -161,8 +159,7 @@ def main() -> int:
     work = Path(args.work)
     started = datetime.now(timezone.utc)
     record = {"benchmark": "MPP label efficiency" + (" (quick)" if args.quick else ""),
-              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+              **provenance(started),
               "plan": plan}
     weights, pre = pretrain(plan, work)
     record["pretrain_minutes"], record["pretrain_minutes_at_median_speed"] = training_minutes(weights.parent)

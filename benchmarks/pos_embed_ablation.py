@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
-import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import machine, revision
+from provenance import provenance
 from resumable import step, wall_sessions
 
 from vitkit import ViT, ViTConfig, load_pretrained
@@ -202,8 +200,7 @@ def main() -> int:
     work = Path(args.work)
     started = datetime.now(timezone.utc)
     record = {"benchmark": "position-embedding ablation" + (" (quick)" if args.quick else ""),
-              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+              **provenance(started),
               "plan": plan, "recipe_epochs": RECIPE_EPOCHS, "paper": PAPER}
     record["runs"] = {kind: [one_run(plan, work, kind, seed) for seed in plan["seeds"]] for kind in POS_EMBEDS}
     shots = plan["shots"][-1]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
+import sys
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -49,3 +52,9 @@ def tree_is_dirty() -> bool:
 def revision() -> str:
     """The commit, with "+uncommitted changes" when the run used code or recipes that differ from it."""
     return git_commit() + ("+uncommitted changes" if tree_is_dirty() else "")
+
+
+def provenance(started: datetime) -> dict:
+    """What every results file records of its run: the command, the start, the commit and the machine."""
+    return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+            "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine()}

@@ -17,7 +17,6 @@ import argparse
 import asyncio
 import io
 import json
-import shlex
 import socket
 import statistics
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from provenance import machine, revision
+from provenance import provenance
 
 VITKIT = Path(sys.executable).with_name("vitkit")
 
@@ -120,8 +119,7 @@ def main() -> int:
     ok = outcomes.get("200", 0)
     record = {
         "benchmark": "vitkit serve under load",
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+        **provenance(started),
         "weights": args.weights, "precision": health["precision"], "image_size": health["image_size"],
         "serve_args": args.serve_args, "requests": args.requests, "concurrency": args.concurrency,
         "outcomes": dict(outcomes), "ok": ok, "failed": args.requests - ok, "seconds": seconds,

@@ -40,7 +40,6 @@ import argparse
 import copy
 import json
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from provenance import machine, revision
+from provenance import provenance
 
 import vitkit
 from vitkit import allocator
@@ -341,8 +340,7 @@ def main() -> int:
     sizes = args.sizes or (["Ti/16"] if args.quick else list(SIZES))
     started = datetime.now(timezone.utc)
     record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
-              "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-              "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine(),
+              **provenance(started),
               "repetitions": reps, "allocator": allocator_setting,
               "onnxruntime": _onnx_runtime_setting(args.no_onnx, onnx_missing), "inference": [], "training": []}
     ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
