@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 from provenance import provenance
-from resumable import step
+from resumable import logged_speeds, step
 
 
 FULL = {
@@ -59,14 +59,13 @@ def pretrain(plan: dict, work: Path) -> tuple[Path, dict]:
 def training_minutes(run_dir: Path) -> tuple[float, float]:
     """A run's training time from its logged speed (steps only, without evaluation), across every resume, and the
     time the same steps take at the median logged speed (what the run costs when nothing else slows it down)."""
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    batch, seconds, last, speeds = config["optim"]["batch_size"], 0.0, 0, []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        entry = json.loads(line)
-        if "train/images_per_s" in entry:
-            seconds += (entry["step"] - last) * batch / entry["train/images_per_s"]
-            speeds.append(entry["train/images_per_s"])
-            last = entry["step"]
+    batch = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["batch_size"]
+    seconds, last = 0.0, 0
+    speeds = logged_speeds(run_dir)
+    for step_, images_per_s in speeds:
+        seconds += (step_ - last) * batch / images_per_s
+        last = step_
+    speeds = [images_per_s for _, images_per_s in speeds]
     return seconds / 60, (last * batch / statistics.median(speeds) / 60 if speeds else 0.0)
 
 

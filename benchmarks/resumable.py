@@ -58,3 +58,14 @@ def wall_sessions(run_dir: Path) -> list[float | None]:
 def write_wall_sessions(run_dir: Path, sessions: list[float | None]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / WALL_FILE, json.dumps({"sessions_s": sessions}) + "\n")
+
+
+def logged_speeds(run_dir: Path) -> list[tuple[int, float]]:
+    """(step, images/s) of each logging window of a run's training steps, in order, across every resume. The
+    speed counts the steps only, not evaluation or checkpoints; the first window of a session holds compilation."""
+    speeds = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        entry = json.loads(line)
+        if "train/images_per_s" in entry:
+            speeds.append((entry["step"], entry["train/images_per_s"]))
+    return speeds
