@@ -22,6 +22,8 @@ import torch
 
 from vitkit import crash_points
 from vitkit.atomic import atomic_path, atomic_write_text
+from vitkit.train.errors import TrainingError
+from vitkit.weights.safetensors_io import read_safetensors
 
 LAST = "last"
 
@@ -116,6 +118,19 @@ def last_checkpoint(run_dir: str | Path) -> tuple[Path, Path] | None:
             f"{pointer} names checkpoint {name!r} but {weights.name} or {state.name} is missing from {directory}"
         )
     return weights, state
+
+
+def load_checkpoint_weights(model: torch.nn.Module, path: Path) -> None:
+    """Put a checkpoint's weights back into the run's model. They are the model's own state dict as the run saved
+    it, so they load as they are, with no conversion: the same for a ViT and for the ResNet baseline."""
+    tensors, _ = read_safetensors(path)
+    try:
+        with torch.no_grad():
+            model.load_state_dict(tensors, strict=True)
+    except RuntimeError as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise TrainingError(f"cannot resume from {path}: its weights do not fit the run's model ({detail}). Was the "
+                            "run's config.yaml changed? Restore it, or start a new run.") from err
 
 
 def load_training_state(path: Path) -> dict:

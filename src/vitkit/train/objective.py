@@ -101,7 +101,8 @@ class Objective(nn.Module):
 class Classification(Objective):
     """Supervised classification: cross-entropy with label smoothing, optional mixup/CutMix, top-1 accuracy.
 
-    With the model's PatchDropout on, the noise is the per-patch scores that choose the kept patches.
+    With the model's PatchDropout on, the noise is the per-patch scores that choose the kept patches. The model is a
+    ViT or any classifier with `cfg.num_classes` and a `head` (the ResNet baseline).
     """
 
     def __init__(self, label_smoothing: float = 0.0, mixer: Callable | None = None, loss: str = "softmax"):
@@ -127,7 +128,8 @@ class Classification(Objective):
 
     def noise_shape(self, model) -> tuple[int, ...] | None:
         cfg = model.cfg
-        return (cfg.grid_size[0] * cfg.grid_size[1],) if cfg.patch_dropout > 0 else None
+        # A model without patch tokens (the ResNet baseline) has no PatchDropout and takes no noise.
+        return (cfg.grid_size[0] * cfg.grid_size[1],) if getattr(cfg, "patch_dropout", 0.0) > 0 else None
 
     def mix(self, images: torch.Tensor, labels: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self.mixer is None:

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from vitkit.data import collate_skip_none
+from vitkit.model import ViT
 from vitkit.pretrain import MaskedPatchPrediction
 from vitkit.train.config import MPPOptions
 from vitkit.train.objective import Evaluation, Objective, StepLoss
@@ -41,6 +42,10 @@ class MaskedPatchObjective(Objective):
         self.mpp: MaskedPatchPrediction | None = None
 
     def prepare(self, model: nn.Module, data) -> None:
+        if not isinstance(model, ViT):
+            raise ValueError(f"masked patch prediction corrupts and predicts a ViT's patch tokens; the model is "
+                             f"{getattr(model.cfg, 'name', type(model).__name__)}, which has none: pretrain a plain "
+                             "ViT (e.g. --model.name Ti/4)")
         o, cfg = self.options, model.cfg
         self.mpp = MaskedPatchPrediction(cfg.width, cfg.in_chans, cfg.patch_size, data.mean, data.std, target=o.target,
                                          bits=o.bits, rate=o.rate, split=tuple(o.split), downsize=o.downsize)

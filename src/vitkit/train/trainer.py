@@ -31,7 +31,14 @@ from vitkit.data.splits import training_subset
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
 from vitkit.train import distributed
-from vitkit.train.checkpoint import Position, last_checkpoint, load_training_state, save_checkpoint, set_rng_state
+from vitkit.train.checkpoint import (
+    Position,
+    last_checkpoint,
+    load_checkpoint_weights,
+    load_training_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from vitkit.train.compile import compile_for_training, resolve_compile
 from vitkit.train.config import PretrainConfig, TrainConfig
 from vitkit.train.distributed import local_device
@@ -43,7 +50,7 @@ from vitkit.train.pretraining import MaskedPatchObjective
 from vitkit.train.run_dir import check_run_dir, resumed_config, write_run_dir
 from vitkit.train.sampling import EpochBatches, SeededAugment, derive_seed
 from vitkit.train.setup import build_model
-from vitkit.weights import PREPROCESS_KEY, load_weights, save_weights
+from vitkit.weights import PREPROCESS_KEY, save_weights
 
 
 @dataclass
@@ -273,7 +280,7 @@ def _restore(run: Run) -> None:
             print(f"resuming {run.run_dir}: no checkpoint yet, starting from the beginning")
         return
     weights_path, state_path = found
-    load_weights(run.model, weights_path)
+    load_checkpoint_weights(run.model, weights_path)
     state = load_training_state(state_path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])

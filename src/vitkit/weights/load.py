@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from vitkit.model import ViT, ViTConfig, resample_pos_embed, resample_position_state
+from vitkit.model.resnet import ARCHITECTURE as RESNET
 from vitkit.model.resnet_stem import stem_stride
 from vitkit.model.variants import stem_name
 from vitkit.weights.convert import to_vitkit
@@ -126,7 +127,17 @@ def load_pretrained(path: str | os.PathLike, heads: int | None = None) -> tuple[
 
 def _stored_config(metadata: dict[str, str], origin: str) -> ViTConfig:
     try:
-        return ViTConfig.from_dict(json.loads(metadata[CONFIG_KEY]))
+        stored = json.loads(metadata[CONFIG_KEY])
+    except ValueError as err:
+        raise WeightsError(f"{origin}: the stored {CONFIG_KEY!r} is not valid JSON ({err}); the file is corrupt") from err
+    if isinstance(stored, dict) and stored.get("architecture") == RESNET:
+        raise WeightsError(
+            f"{origin} holds the ResNet-18 baseline (a `vitkit train --model.name {RESNET}` run), not a ViT: the "
+            "weights loaders, and the commands on them (eval, predict, fewshot, export, finetune), take ViT weights "
+            "only. Rebuild it in Python: vitkit.model.resnet.ResNetBaseline(ResNetConfig.from_dict(its stored "
+            "config)), then load_state_dict of the file's tensors")
+    try:
+        return ViTConfig.from_dict(stored)
     except (ValueError, TypeError) as err:
         raise WeightsError(f"{origin}: the stored {CONFIG_KEY!r} is not a valid ViT config ({err}); "
                            "the file is corrupt or from an incompatible vitkit version") from err
