@@ -13,14 +13,14 @@ import math
 import statistics
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch.utils.data import DataLoader, Subset
 
 from vitkit.atomic import atomic_write_text
 from vitkit.data import Transformed, collate_skip_none, eval_transform, load_dataset
-from vitkit.data.splits import dataset_labels
+from vitkit.data.splits import DataSplits, dataset_labels
 from vitkit.inference import InferenceOptions, normalisation
 from vitkit.inference_modes import InferenceModel
 from vitkit.model import ViT, adapt_for_finetune, check_image_size
@@ -131,12 +131,8 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
     size = (opts.resolution, opts.resolution) if opts.resolution else cfg.img_size
     data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=size, in_chans=cfg.in_chans,
                         on_bad_image=opts.on_bad_image, seed=opts.seed)
-    if data.num_classes < 2:
-        raise ValueError(f"{opts.data} has {data.num_classes} class: few-shot classification needs at least 2")
     check_image_size(size, cfg.patch_size, what="--resolution", stem_stride=cfg.stem_stride)
-    train_labels = _labels(data.train)
-    draws = {k: [few_shot_indices(train_labels, k, opts.seed * 1_000_003 + d) for d in range(opts.draws)]
-             for k in opts.shots}  # drawn before anything heavy, so a bad K fails at once
+    draws = draw_shots(data, opts.shots, opts.draws, opts.seed)  # before anything heavy, so a bad K fails at once
 
     model = adapt_for_finetune(pretrained, data.num_classes, img_size=size, keep_pre_logits=True)
     if opts.random_init:
@@ -145,26 +141,7 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
     model.reset_classifier(0)  # the model now returns its representation (the head's input)
     model = InferenceModel(model.to(device), opts.precision, opts.compile, keep_freed_memory=opts.keep_freed_memory)
     mean, std = normalisation(preprocess, cfg.in_chans)
-    transform = eval_transform(mean, std, size)
-
-    needed = torch.unique(torch.cat([i for per_k in draws.values() for i in per_k]))
-    train_features = dict(zip(needed.tolist(), _features(model, data.train, needed.tolist(), transform, opts, device)))
-    val_features = _features(model, data.val, list(range(len(data.val))), transform, opts, device)
-    test_features = _features(model, data.test, list(range(len(data.test))), transform, opts, device)
-    val_labels, test_labels = _labels(data.val), _labels(data.test)
-    if len(val_labels) == 0 and len(opts.l2) > 1:
-        raise ValueError(f"{opts.data} has no validation split to choose the ridge penalty on: give one --l2 value")
-
-    results = []
-    for k, per_k in draws.items():
-        accuracies, chosen = [], []
-        for picked in per_k:
-            x = torch.stack([train_features[i] for i in picked.tolist()])
-            fits = [(l2, fit_linear_probe(x, train_labels[picked], data.num_classes, l2)) for l2 in opts.l2]
-            l2, (w, b) = max(fits, key=lambda f: _accuracy(val_features, val_labels, *f[1]) if len(val_labels) else 0)
-            accuracies.append(_accuracy(test_features, test_labels, w, b))
-            chosen.append(l2)
-        results.append(FewShotResult(k, accuracies, chosen))
+    results = probe(model, data, eval_transform(mean, std, size), draws, opts.l2, opts.batch_size, device)
     what = "random init" if opts.random_init else Path(opts.weights).name
     for r in results:
         print(f"{r.shots:>3}-shot {data.name} ({what}): test top-1 {100 * r.mean:.2f}% "
@@ -177,6 +154,48 @@ def few_shot_eval(opts: FewShotOptions) -> list[FewShotResult]:
                        {"shots": r.shots, "mean_top1": r.mean, "std_top1": r.std, "draws": r.accuracies,
                         "l2": r.l2} for r in results]}
         atomic_write_text(out / "fewshot.json", json.dumps(summary, indent=2) + "\n")
+    return results
+
+
+def draw_shots(data: DataSplits, shots: list[int], draws: int, seed: int) -> dict[int, list[torch.Tensor]]:
+    """For each K of `shots`, `draws` seeded draws of K training images per class (indices into `data.train`)."""
+    if data.num_classes < 2:
+        raise ValueError(f"{data.name} has {data.num_classes} class: few-shot classification needs at least 2")
+    labels = _labels(data.train)
+    return {k: [few_shot_indices(labels, k, seed * 1_000_003 + d) for d in range(draws)] for k in shots}
+
+
+def probe(represent: Callable[[torch.Tensor], torch.Tensor], data: DataSplits, transform,
+          draws: dict[int, list[torch.Tensor]], l2: list[float], batch_size: int = 256,
+          device: torch.device | str = "cpu") -> list[FewShotResult]:
+    """The ridge probe of a frozen representation: one result per K of `draws` (see `draw_shots`).
+
+    `represent` maps a batch of images, as `transform` prepares them, to their (B, F) features: a model without
+    its head, or any classifier through `lambda x: model.forward_head(model.forward_features(x), pre_logits=True)`
+    (in eval mode, under no_grad). Each draw's ridge penalty is the one of `l2` with the best validation accuracy.
+    """
+    needed = torch.unique(torch.cat([i for per_k in draws.values() for i in per_k]))
+    train_labels = _labels(data.train)
+    features = _features(represent, data.train, needed.tolist(), transform, batch_size, device)
+    train_features = dict(zip(needed.tolist(), features))
+    val_features, test_features = (
+        _features(represent, split, list(range(len(split))), transform, batch_size, device, width=features.shape[1])
+        for split in (data.val, data.test))
+    val_labels, test_labels = _labels(data.val), _labels(data.test)
+    if len(val_labels) == 0 and len(l2) > 1:
+        raise ValueError(f"{data.name} has no validation split to choose the ridge penalty on: give one --l2 value")
+
+    results = []
+    for k, per_k in draws.items():
+        accuracies, chosen = [], []
+        for picked in per_k:
+            x = torch.stack([train_features[i] for i in picked.tolist()])
+            fits = [(value, fit_linear_probe(x, train_labels[picked], data.num_classes, value)) for value in l2]
+            best, (w, b) = max(fits, key=lambda f: _accuracy(val_features, val_labels, *f[1]) if len(val_labels)
+                               else 0)
+            accuracies.append(_accuracy(test_features, test_labels, w, b))
+            chosen.append(best)
+        results.append(FewShotResult(k, accuracies, chosen))
     return results
 
 
@@ -200,16 +219,16 @@ def _labels(dataset) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _features(model: InferenceModel, dataset, indices: list[int], transform, opts: FewShotOptions,
-              device: torch.device) -> torch.Tensor:
-    """(len(indices), num_features) representations of the dataset's images at `indices`."""
-    loader = DataLoader(Subset(Transformed(dataset, transform), indices), batch_size=opts.batch_size,
+def _features(represent: Callable[[torch.Tensor], torch.Tensor], dataset, indices: list[int], transform,
+              batch_size: int, device: torch.device | str, width: int = 0) -> torch.Tensor:
+    """(len(indices), num_features) representations of the dataset's images at `indices` ((0, width) for none)."""
+    loader = DataLoader(Subset(Transformed(dataset, transform), indices), batch_size=batch_size,
                         collate_fn=collate_skip_none)
-    out = [model(batch[0].to(device)).cpu() for batch in loader if batch is not None]
+    out = [represent(batch[0].to(device)).float().cpu() for batch in loader if batch is not None]
     if sum(len(o) for o in out) != len(indices):
         raise ValueError("some images could not be read (see above); few-shot evaluation needs every image of "
                          "the draws and of the validation and test splits")
-    return torch.cat(out) if out else torch.zeros(0, model.model.num_features)
+    return torch.cat(out) if out else torch.zeros(0, width)
 
 
 def _accuracy(features: torch.Tensor, labels: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> float:
