@@ -9,8 +9,10 @@ What it measures:
   (vitkit.inference_modes) against timm (eager fp32, eager with bf16 weights), HF transformers
   (ViTForImageClassification, SDPA attention) and vit-pytorch, and against ONNX Runtime (CPU, every graph
   optimisation, as many threads as torch) running the same vitkit model exported to ONNX (vitkit.export), fp32 and
-  dynamically quantised to int8 (needs the `export` extra; `--no-onnx` leaves it out). vitkit loads timm's and HF's
-  weights through its converters and its logits are compared with theirs and with ONNX Runtime's. vit-pytorch's ViT
+  dynamically quantised to int8 (needs the `export` extra; `--no-onnx` leaves it out), and against OpenVINO's CPU
+  plugin on the same file made static for the batch, fp32, bf16 and int8 quantised by NNCF (needs `pip install
+  openvino nncf`; `--no-openvino` leaves it out). vitkit loads timm's and HF's weights through its converters and its
+  logits are compared with theirs and with the runtimes'. vit-pytorch's ViT
   is not the paper's (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
   of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
@@ -135,7 +137,8 @@ def _memory_child(spec: str) -> int:
     job = json.loads(spec)
     if job["kind"] == "inference":
         contenders, _ = inference_contenders(job["what"], "compile" in job["contender"],
-                                             job["contender"].startswith("onnxruntime"))
+                                             job["contender"].startswith("onnxruntime"),
+                                             job["contender"].startswith("openvino"), job["batch"])
         x = torch.randn(job["batch"], 3, 224, 224)
         run = contenders[job["contender"]]
 
@@ -151,8 +154,10 @@ def _memory_child(spec: str) -> int:
 
 # --- contenders ---------------------------------------------------------------------------------------------------
 
-def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False) -> tuple[dict, dict]:
-    """{name: callable(images) -> logits} and {name: max |logit difference| against the vitkit twin}."""
+def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False, with_openvino: bool = False,
+                         batch: int = 16) -> tuple[dict, dict]:
+    """{name: callable(images) -> logits} and {name: max |logit difference| against the vitkit twin}. OpenVINO's
+    model is made static for `batch`, as a deployer who knows the batch would."""
     import timm
     import transformers
     from vit_pytorch import ViT as VitPytorch
@@ -185,16 +190,16 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False)
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
-    if with_onnx:
-        contenders.update(onnx_runtime_contenders(model))
+    if with_onnx or with_openvino:
+        contenders.update(exported_contenders(model, with_onnx, with_openvino, batch))
 
-    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         reference = model(x)
         differences = {"timm fp32": float((timm_model(x) - reference).abs().max()),
                        "HF transformers fp32 (sdpa)": float((hf_model(pixel_values=x).logits - hf_twin(x)).abs().max())}
         for name, run in contenders.items():
-            if name.startswith(("vitkit", "onnxruntime")) or name == "timm bf16 weights":
+            if name.startswith(("vitkit", "onnxruntime", "openvino")) or name == "timm bf16 weights":
                 differences[name] = float((run(x) - reference).abs().max())
     return contenders, differences
 
@@ -209,8 +214,65 @@ def onnx_unavailable() -> str | None:
     return None
 
 
-def onnx_runtime_contenders(model: vitkit.ViT) -> dict:
-    """{name: callable(images) -> logits}: `model` exported to ONNX and run by ONNX Runtime, fp32 and int8."""
+def openvino_unavailable() -> str | None:
+    """Why the OpenVINO contenders cannot run in this environment, or None if they can."""
+    for name in ("onnx", "onnxscript", "openvino", "nncf"):  # the export, the runtime and its int8 quantiser
+        try:
+            __import__(name)
+        except ImportError as err:
+            return f"{err} (pip install openvino nncf onnx onnxscript)"
+    return None
+
+
+def exported_contenders(model: vitkit.ViT, with_onnx: bool, with_openvino: bool, batch: int) -> dict:
+    """{name: callable(images) -> logits}: `model` exported to ONNX once and run by ONNX Runtime (fp32, dynamic int8)
+    and by OpenVINO (fp32, bf16, int8)."""
+    contenders = {}
+    with tempfile.TemporaryDirectory(prefix="vitkit-speed-onnx-") as directory:
+        fp32 = Path(directory) / "model.onnx"
+        export_onnx(model, fp32, dynamic=False, opset=18)  # the batch stays dynamic: one file serves every batch
+        if with_onnx:
+            contenders.update(onnx_runtime_contenders(fp32, needs_external_data(model)))
+        if with_openvino:
+            contenders.update(openvino_contenders(fp32, batch))
+    return contenders
+
+
+def openvino_contenders(onnx_file: Path, batch: int) -> dict:
+    """OpenVINO's CPU plugin on the exported file, made static for `batch`: fp32 and bf16 (its inference precision
+    hint), and int8 quantised by NNCF (OpenVINO's post-training quantiser, its transformer preset) on random
+    calibration images, its other operations in OpenVINO's default precision for this CPU."""
+    import nncf
+    import openvino as ov
+
+    core = ov.Core()
+    model = core.read_model(str(onnx_file))
+    model.reshape([batch, 3, 224, 224])
+    settings = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
+    contenders = {}
+    for name, precision in (("openvino fp32", "f32"), ("openvino bf16", "bf16")):
+        compiled = core.compile_model(model, "CPU", {**settings, "INFERENCE_PRECISION_HINT": precision})
+        contenders[name] = _openvino_runner(compiled)
+    generator = torch.Generator().manual_seed(3)
+    calibration = [torch.randn(batch, 3, 224, 224, generator=generator).numpy() for _ in range(max(1, 32 // batch))]
+    quantised = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(calibration))
+    contenders["openvino int8"] = _openvino_runner(core.compile_model(quantised, "CPU", settings))
+    return contenders
+
+
+def _openvino_runner(compiled):
+    request = compiled.create_infer_request()
+
+    def run(images: torch.Tensor) -> torch.Tensor:
+        request.infer({0: images.numpy()}, share_inputs=True)
+        return torch.from_numpy(request.get_output_tensor(0).data.copy())
+    return run
+
+
+def onnx_runtime_contenders(fp32: Path, external_data: bool) -> dict:
+    """{name: callable(images) -> logits}: the exported file run by ONNX Runtime, fp32 and dynamically quantised to
+    int8."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -219,14 +281,12 @@ def onnx_runtime_contenders(model: vitkit.ViT) -> dict:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers say nothing about speed
     contenders = {}
-    with tempfile.TemporaryDirectory(prefix="vitkit-speed-onnx-") as directory:
-        fp32, int8 = Path(directory) / "model.onnx", Path(directory) / "model.int8.onnx"
-        export_onnx(model, fp32, dynamic=False, opset=18)  # the batch stays dynamic: one file serves every batch
-        quantise_int8(fp32, int8, external_data=needs_external_data(model))
-        # A session reads the whole graph and its weights when it is built, so the files may go with the directory.
-        for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
-            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            contenders[name] = _onnx_runner(session)
+    int8 = fp32.with_name("model.int8.onnx")
+    quantise_int8(fp32, int8, external_data=external_data)
+    # A session reads the whole graph and its weights when it is built, so the files may go with their directory.
+    for name, path in (("onnxruntime fp32", fp32), ("onnxruntime int8", int8)):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        contenders[name] = _onnx_runner(session)
     return contenders
 
 
@@ -319,6 +379,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, help="interleaved repetitions (default: 5, or 3 with --quick)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime contenders")
+    parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO contenders")
     parser.add_argument("--out", default="docs/results")
     parser.add_argument("--system-allocator", action="store_true",
                         help="leave glibc's allocator settings as they are (default: keep freed memory for reuse, "
@@ -336,13 +397,18 @@ def main() -> int:
     if onnx_missing:
         print(f"ONNX Runtime contenders left out: {onnx_missing}", flush=True)
     with_onnx = not args.no_onnx and onnx_missing is None
+    openvino_missing = None if args.no_openvino else openvino_unavailable()
+    if openvino_missing:
+        print(f"OpenVINO contenders left out: {openvino_missing}", flush=True)
+    with_openvino = not args.no_openvino and openvino_missing is None
     reps = args.reps or (3 if args.quick else 5)
     sizes = args.sizes or (["Ti/16"] if args.quick else list(SIZES))
     started = datetime.now(timezone.utc)
     record = {"benchmark": "CPU speed: vitkit vs timm, HF transformers, vit-pytorch",
               **provenance(started),
               "repetitions": reps, "allocator": allocator_setting,
-              "onnxruntime": _onnx_runtime_setting(args.no_onnx, onnx_missing), "inference": [], "training": []}
+              "onnxruntime": _onnx_runtime_setting(args.no_onnx, onnx_missing),
+              "openvino": _openvino_setting(args.no_openvino, openvino_missing), "inference": [], "training": []}
     ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
     record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
     print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
@@ -355,7 +421,7 @@ def main() -> int:
             # cleared first: every model shares one forward code object, and after 8 compilations of it (the
             # recompile limit) torch would silently run later "compiled" contenders eagerly.
             torch._dynamo.reset()
-            contenders, differences = inference_contenders(size, not args.no_compile, with_onnx)
+            contenders, differences = inference_contenders(size, not args.no_compile, with_onnx, with_openvino, batch)
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
             def call(run, x=x):
@@ -403,6 +469,20 @@ def _onnx_runtime_setting(left_out: bool, missing: str | None) -> str:
 
     return (f"onnxruntime {ort.__version__}, CPUExecutionProvider, {torch.get_num_threads()} intra-op threads, "
             "1 inter-op, ORT_ENABLE_ALL; opset 18 export of the vitkit model, int8 by dynamic quantisation")
+
+
+def _openvino_setting(left_out: bool, missing: str | None) -> str:
+    """What the record says of the OpenVINO contenders: their versions and settings, or why they are absent."""
+    if left_out:
+        return "left out (--no-openvino)"
+    if missing:
+        return f"left out: {missing}"
+    import nncf
+    import openvino as ov
+
+    return (f"openvino {ov.__version__} CPU plugin, {torch.get_num_threads()} inference threads, latency hint, "
+            f"the opset 18 export made static for the batch; int8 by nncf {nncf.__version__} (transformer preset, "
+            "random calibration images)")
 
 
 def _rows(measured: dict, batch: int, flops: float, ceiling: dict, differences: dict) -> list[dict]:
