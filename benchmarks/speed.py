@@ -234,27 +234,28 @@ def exported_contenders(model: vitkit.ViT, with_onnx: bool, with_openvino: bool,
         if with_onnx:
             contenders.update(onnx_runtime_contenders(fp32, needs_external_data(model)))
         if with_openvino:
-            contenders.update(openvino_contenders(fp32, batch))
+            contenders.update(openvino_contenders(fp32, (batch, model.cfg.in_chans, *model.cfg.img_size)))
     return contenders
 
 
-def openvino_contenders(onnx_file: Path, batch: int) -> dict:
-    """OpenVINO's CPU plugin on the exported file, made static for `batch`: fp32 and bf16 (its inference precision
-    hint), and int8 quantised by NNCF (OpenVINO's post-training quantiser, its transformer preset) on random
-    calibration images, its other operations in OpenVINO's default precision for this CPU."""
+def openvino_contenders(onnx_file: Path, shape: tuple[int, int, int, int]) -> dict:
+    """OpenVINO's CPU plugin on the exported file, made static for the input `shape` (batch, channels, height,
+    width): fp32 and bf16 (its inference precision hint), and int8 quantised by NNCF (OpenVINO's post-training
+    quantiser, its transformer preset) on random calibration images, its other operations in OpenVINO's default
+    precision for this CPU."""
     import nncf
     import openvino as ov
 
     core = ov.Core()
     model = core.read_model(str(onnx_file))
-    model.reshape([batch, 3, 224, 224])
+    model.reshape(list(shape))
     settings = {"INFERENCE_NUM_THREADS": torch.get_num_threads(), "PERFORMANCE_HINT": "LATENCY"}
     contenders = {}
     for name, precision in (("openvino fp32", "f32"), ("openvino bf16", "bf16")):
         compiled = core.compile_model(model, "CPU", {**settings, "INFERENCE_PRECISION_HINT": precision})
         contenders[name] = _openvino_runner(compiled)
     generator = torch.Generator().manual_seed(3)
-    calibration = [torch.randn(batch, 3, 224, 224, generator=generator).numpy() for _ in range(max(1, 32 // batch))]
+    calibration = [torch.randn(*shape, generator=generator).numpy() for _ in range(max(1, 32 // shape[0]))]
     quantised = nncf.quantize(model, nncf.Dataset(calibration), model_type=nncf.ModelType.TRANSFORMER,
                               subset_size=len(calibration))
     contenders["openvino int8"] = _openvino_runner(core.compile_model(quantised, "CPU", settings))
