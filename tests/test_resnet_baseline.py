@@ -34,10 +34,11 @@ def test_shapes_and_the_classifier_surface():
     assert model.cfg.name == "ResNet-18" and isinstance(model.head, nn.Linear)
 
 
-def test_forward_is_torchvisions_resnet18_with_the_same_stem_and_weights():
-    ours = ResNetBaseline(ResNetConfig(img_size=32, in_chans=3, num_classes=7))
+@pytest.mark.parametrize("stride", [2, 1])
+def test_forward_is_torchvisions_resnet18_with_the_same_stem_and_weights(stride):
+    ours = ResNetBaseline(ResNetConfig(img_size=32, in_chans=3, num_classes=7, stem_stride=stride))
     theirs = resnet18(num_classes=7)
-    theirs.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    theirs.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=stride, padding=1, bias=False)
     theirs.maxpool = nn.Identity()
     renamed = {("fc." + k[len("head."):] if k.startswith("head.") else k): v for k, v in ours.state_dict().items()}
     theirs.load_state_dict(renamed, strict=True)  # every tensor has its counterpart, of the same shape
@@ -47,13 +48,14 @@ def test_forward_is_torchvisions_resnet18_with_the_same_stem_and_weights():
         torch.testing.assert_close(ours(x), theirs(x), rtol=0, atol=0)
 
 
-def test_the_stem_keeps_full_resolution_for_stage_one():
-    model = ResNetBaseline(ResNetConfig(img_size=28, in_chans=1, num_classes=10)).eval()
+@pytest.mark.parametrize("stride, stage1, stage4", [(2, 14, 2), (1, 28, 4)])
+def test_the_stem_halves_the_image_for_stage_one_or_keeps_it(stride, stage1, stage4):
+    model = ResNetBaseline(ResNetConfig(img_size=28, in_chans=1, num_classes=10, stem_stride=stride)).eval()
     seen = {}
     for name in ("layer1", "layer4"):
         getattr(model, name).register_forward_hook(lambda m, i, o, name=name: seen.update({name: tuple(o.shape)}))
     model(small_images(1))
-    assert seen == {"layer1": (1, 64, 28, 28), "layer4": (1, 512, 4, 4)}
+    assert seen == {"layer1": (1, 64, stage1, stage1), "layer4": (1, 512, stage4, stage4)}
 
 
 def test_bad_input_and_patch_noise_are_refused_clearly():
@@ -66,6 +68,8 @@ def test_bad_input_and_patch_noise_are_refused_clearly():
         model.reset_classifier(-1)
     with pytest.raises(ValueError, match="in_chans must be a positive integer, got 0"):
         ResNetConfig(in_chans=0)
+    with pytest.raises(ValueError, match="stem_stride must be 1 or 2, got 4"):
+        ResNetConfig(stem_stride=4)
 
 
 def test_reset_classifier_and_the_config_round_trip():
@@ -78,6 +82,9 @@ def test_reset_classifier_and_the_config_round_trip():
     assert torch.equal(model(x), torch.zeros(2, 5))  # a zero-initialised head, as the ViT's
     cfg = ResNetConfig(img_size=(28, 32), in_chans=1, num_classes=4)
     assert ResNetConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    # a config stored before the stem's stride was an option describes the stride-1 stem it was built with
+    stored = {k: v for k, v in cfg.to_dict().items() if k != "stem_stride"}
+    assert ResNetConfig.from_dict(stored).stem_stride == 1 and cfg.stem_stride == 2
     with pytest.raises(ValueError, match=r"unknown ResNet config keys \['width'\]"):
         ResNetConfig.from_dict({**cfg.to_dict(), "width": 128})
 

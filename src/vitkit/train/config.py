@@ -18,7 +18,7 @@ class ModelOptions:
     """Variant '<size>/<patch>' (Ti, S, M, B, L, H), e.g. 'B/16', or a hybrid '<stem>+<size>/<total stride>' (stems
     R, R26, R50: a ResNet feature map as the patches), e.g. 'R50+B/16'; the fields below override its dimensions.
     When fine-tuning (--init.weights) the architecture is the weights': leave these unset (null).
-    'resnet18': the convolutional baseline, not a ViT (torchvision's ResNet-18 with a 3x3 stride-1 stem and no
+    'resnet18': the convolutional baseline, not a ViT (torchvision's ResNet-18 with a 3x3 stride-2 stem and no
     max-pool, for small images), trained from scratch only. The fields below are the ViT's: leave the dimensions at
     their defaults or null and the rates at 0; PatchDropout has no tokens to drop, so give --model.patch_dropout 0."""
     width: int | None = 128
