@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.14.1 torchvision==0.29.1
-	$(BIN)/pip install --quiet -e '.[test,export,serve]'
+	$(BIN)/pip install --quiet -e '.[test,export,serve,bench]'
 	touch $@
 
 # Fashion-MNIST comes from Debian's dataset-fashion-mnist package.

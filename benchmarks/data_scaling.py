@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import header_lines, provenance
 from resumable import step, wall_sessions
 
 from vitkit import load_pretrained
@@ -331,10 +331,8 @@ def _finish(fig, ax, path: Path, others=()) -> None:
 
 def report(record: dict, out_dir: Path, stem: str) -> Path:
     plan, summary, shots = record["plan"], record["summary"], record["plan"]["shots"]
-    m = record["machine"]
     lines = ["# Data scaling: ViT against a ResNet as the training set grows (the paper's figures 3 to 5)", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), torch {m['torch']}",
+             *header_lines(record),
              f"- plan: {plan['steps']} steps of {plan['batch']} images at every size (epochs = steps / (n // "
              f"{plan['batch']})), sizes {', '.join(size_label(n) for n in plan['sizes'])} of Fashion-MNIST's 60,000 "
              "training images (stratified, nested per seed, no validation split), seeds "
@@ -345,8 +343,8 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
              + "; ".join(f"{label}: `{' '.join(args)}`" for label, args in MODELS.items()),
              "- training FLOPs per image (one forward and backward pass, counted on the model): "
              + ", ".join(f"{label} {flops / 1e6:.1f} M" for label, flops in record["flops_per_image"].items()), "",
-             f"| model | images | test top-1 (mean +- sd) | seeds | " + " | ".join(f"{k}-shot MNIST subset" for k in shots)
-             + " | training FLOPs | wall min per run |",
+             "| model | images | test top-1 (mean +- sd) | seeds | "
+             + " | ".join(f"{k}-shot MNIST subset" for k in shots) + " | training FLOPs | wall min per run |",
              "|---|---|---|---|" + "---|" * len(shots) + "---|---|"]
     for label, by_size in summary.items():
         for n in plan["sizes"]:

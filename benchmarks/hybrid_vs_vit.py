@@ -30,7 +30,7 @@ import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import provenance
+from provenance import header_lines, provenance
 from resumable import logged_speeds, step, wall_sessions
 
 MODELS = {"ViT Ti/4": "Ti/4", "hybrid R+Ti/4": "R+Ti/4"}
@@ -78,7 +78,8 @@ def one_run(plan: dict, work: Path, label: str, epochs: float, seed: int) -> dic
     measured = [t for t in sessions if t is not None]
     speeds = [ips for _, ips in logged_speeds(out)]
     return {"dir": str(out), "seed": seed, "epochs": epochs,
-            "test_top1": 100 * results["test"]["top1"], "val_top1": 100 * results.get("val", {}).get("top1", 0.0),
+            "test_top1": 100 * results["test"]["top1"],
+            "val_top1": 100 * results["val"]["top1"] if results.get("val") else None,  # None: no validation split
             "wall_minutes": sum(measured) / 60 if measured else None, "sessions": len(sessions),
             "unmeasured_sessions": len(sessions) - len(measured),
             "images_per_s": statistics.median(speeds[1:] or speeds) if speeds else None}
@@ -93,11 +94,10 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def report(record: dict, out_dir: Path, stem: str) -> Path:
-    plan, m = record["plan"], record["machine"]
+    plan = record["plan"]
     lines = ["# Hybrid against plain ViT at equal wall-clock budget (the paper's figure 5 in miniature)", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), torch {m['torch']}",
-             f"- recipe: the default Fashion-MNIST recipe (`vitkit train`) with `--model.name` of each model"
+             *header_lines(record),
+             "- recipe: the default Fashion-MNIST recipe (`vitkit train`) with `--model.name` of each model"
              + (f" and `{' '.join(plan['model'])}`" if plan["model"] else "")
              + f"; seeds {plan['seeds']}",
              f"- budget: the ViT trains {plan['epochs']:g} epochs; the hybrid {record['epochs']['hybrid R+Ti/4']:g}, "

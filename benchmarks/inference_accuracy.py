@@ -4,9 +4,12 @@
     .venv/bin/python benchmarks/inference_accuracy.py --weights W --data D
 
 The default weights are what `benchmarks/train_recipe.py` trains (runs/bench-default/model.safetensors).
-Every mode of vitkit.inference_modes, with and without torch.compile, classifies the whole test split;
-the report gives each mode's test top-1, its difference to fp32, and the fraction of images on which its
-top-1 class equals fp32's. Written to docs/results/inference_accuracy_<date>.{md,json}.
+Every mode of vitkit.inference_modes, with and without torch.compile, classifies the whole test split, and so do
+the contenders of benchmarks/speed.py that run the exported model (ONNX Runtime fp32 and dynamic int8; OpenVINO
+fp32, bf16 and NNCF int8 where installed; `--no-exported` leaves them out), built as the speed harness builds them;
+the report gives each one's test top-1, its difference to fp32, and the fraction of images on which its top-1
+class equals vitkit fp32's, and which mode `--precision auto` runs at this batch on this machine. Written to
+docs/results/inference_accuracy_<date>.{md,json}.
 """
 
 from __future__ import annotations
@@ -18,17 +21,39 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import header_lines, provenance
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
 from vitkit.inference_modes import MODES, InferenceModel
 
 GOALS = {"agreement_at_least": 0.995, "accuracy_within_points": 0.2}
+BATCH = 500
 
 
-def predictions(runner, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    return torch.cat([runner(images[i:i + batch_size]).argmax(1) for i in range(0, len(images), batch_size)])
+def predictions(runner, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor:
+    """Top-1 classes of `images`, in batches of `batch_size` (the last one padded to it: OpenVINO's model is made
+    static for one batch shape)."""
+    classes = []
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        padded = torch.cat([chunk, chunk[-1:].expand(batch_size - len(chunk), *chunk.shape[1:])])
+        classes.append(runner(padded.contiguous())[:len(chunk)].argmax(1))
+    return torch.cat(classes)
+
+
+def scored(name: str, predicted: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor,
+           fp32_top1: float | None, seconds: float) -> dict:
+    """One row of the report: `predicted` classes against the labels and against fp32's (`reference`)."""
+    top1 = round(100 * float((predicted == labels).double().mean()), 2)
+    agreement = round(float((predicted == reference).double().mean()), 4)
+    points = round(top1 - (top1 if fp32_top1 is None else fp32_top1), 2)
+    row = {"mode": name, "test_top1": top1, "agreement_with_fp32": agreement, "seconds_incl_compile": round(seconds, 1),
+           "points_vs_fp32": points}
+    row["meets_goals"] = (row["agreement_with_fp32"] >= GOALS["agreement_at_least"]
+                          and abs(row["points_vs_fp32"]) <= GOALS["accuracy_within_points"])
+    print(row, flush=True)
+    return row
 
 
 def main() -> int:
@@ -36,11 +61,14 @@ def main() -> int:
     parser.add_argument("--weights", default="runs/bench-default/model.safetensors")
     parser.add_argument("--data", default="fashion-mnist")
     parser.add_argument("--out", default="docs/results")
+    parser.add_argument("--no-exported", action="store_true",
+                        help="leave out the exported model's contenders (ONNX Runtime, OpenVINO)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the compiled vitkit modes")
     args = parser.parse_args()
     started = datetime.now(timezone.utc)
     record = {"benchmark": "accuracy cost of the inference modes",
               **provenance(started),
-              "weights": args.weights, "data": args.data, "goals": GOALS, "modes": []}
+              "weights": args.weights, "data": args.data, "goals": GOALS, "batch": BATCH, "modes": []}
 
     model, preprocess = load_for_inference(args.weights, torch.device("cpu"))
     cfg = model.cfg
@@ -49,37 +77,42 @@ def main() -> int:
     images = torch.stack([transform(data.test[i][0]) for i in range(len(data.test))])
     labels = torch.as_tensor([data.test[i][1] for i in range(len(data.test))])
 
-    reference = None
-    for compiled in (False, True):
-        for precision in MODES:
-            start = time.perf_counter()
-            predicted = predictions(InferenceModel(model, precision, compile=compiled), images)
-            seconds = time.perf_counter() - start
-            if reference is None:
-                reference = predicted
-            top1 = float((predicted == labels).double().mean())
-            row = {"mode": precision + (" + compile" if compiled else ""), "test_top1": round(100 * top1, 2),
-                   "agreement_with_fp32": round(float((predicted == reference).double().mean()), 4),
-                   "seconds_incl_compile": round(seconds, 1)}
-            fp32_top1 = record["modes"][0]["test_top1"] if record["modes"] else row["test_top1"]
-            row["points_vs_fp32"] = round(row["test_top1"] - fp32_top1, 2)
-            row["meets_goals"] = (row["agreement_with_fp32"] >= GOALS["agreement_at_least"]
-                                  and abs(row["points_vs_fp32"]) <= GOALS["accuracy_within_points"])
-            record["modes"].append(row)
-            print(row, flush=True)
+    # name -> a callable that builds the runner when its turn comes (a compiled one compiles then)
+    runners = {precision + (" + compile" if compiled else ""):
+               (lambda p=precision, c=compiled: InferenceModel(model, p, c))
+               for compiled in ((False,) if args.no_compile else (False, True)) for precision in MODES}
+    if not args.no_exported:
+        from speed import exported_contenders, openvino_unavailable
+
+        missing = openvino_unavailable()
+        if missing:
+            print(f"OpenVINO contenders left out: {missing}", flush=True)
+        exported = exported_contenders(model, True, missing is None, BATCH)
+        runners.update({name: (lambda run=run: run) for name, run in exported.items()})
+    reference = fp32_top1 = None
+    for name, build in runners.items():
+        start = time.perf_counter()
+        predicted = predictions(build(), images)
+        seconds = time.perf_counter() - start
+        if reference is None:  # vitkit fp32, the first
+            reference = predicted
+        record["modes"].append(scored(name, predicted, labels, reference, fp32_top1, seconds))
+        fp32_top1 = record["modes"][0]["test_top1"]
+    auto = InferenceModel(model, "auto", batch_size=BATCH)
+    record["auto"] = {"precision": auto.precision, "reason": auto.choice.reason}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"inference_accuracy_{started.strftime('%Y-%m-%d_%H%M')}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    m = record["machine"]
     lines = ["# Accuracy cost of the inference modes", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}",
+             *header_lines(record),
              f"- weights: {args.weights} ({cfg.name}, {cfg.img_size[0]}x{cfg.img_size[1]}), {args.data} test split "
              f"({len(labels)} images)",
              f"- goals: top-1 agreement with fp32 >= {100 * GOALS['agreement_at_least']:.1f}%, test top-1 within "
-             f"{GOALS['accuracy_within_points']} points", "",
+             f"{GOALS['accuracy_within_points']} points",
+             f"- `--precision auto` at batch {BATCH} here: {record['auto']['precision']} ({record['auto']['reason']})",
+             "",
              "| mode | test top-1 | vs fp32 | top-1 agreement with fp32 | meets goals |", "|---|---|---|---|---|"]
     for r in record["modes"]:
         lines.append(f"| {r['mode']} | {r['test_top1']:.2f}% | {r['points_vs_fp32']:+.2f} | "

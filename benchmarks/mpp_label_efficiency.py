@@ -25,7 +25,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from provenance import provenance
+from provenance import header_lines, provenance
 from resumable import logged_speeds, step
 
 
@@ -118,9 +118,7 @@ def few_shot(plan: dict, work: Path, weights: Path) -> dict:
 
 def report(record: dict, out_dir: Path, stem: str) -> Path:
     lines = ["# Masked patch prediction: fine-tuning with few labels, against training from scratch", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores "
-             f"({', '.join(record['machine']['isa'])}), torch {record['machine']['torch']}",
+             *header_lines(record),
              f"- pretraining: `vitkit pretrain` (3-bit colour target, 50% corruption, 80/10/10), "
              f"{record['plan']['pretrain_epochs']} epochs of Fashion-MNIST's training images without labels, "
              f"{record['pretrain_minutes']:.1f} min of training steps as logged "

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import provenance
+from provenance import header_lines, provenance
 from resumable import step, wall_sessions
 
 from vitkit import ViT, ViTConfig, load_pretrained
@@ -139,9 +139,7 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
     plan, shots = record["plan"], record["plan"]["shots"][-1]
     seeds = len(plan["seeds"])
     lines = ["# Position embeddings: the paper's ablation (appendix D.4, table 8) on Fashion-MNIST", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {record['machine']['cpu']}, {record['machine']['cores']} cores "
-             f"({', '.join(record['machine']['isa'])}), torch {record['machine']['torch']}",
+             *header_lines(record),
              f"- plan: the default Fashion-MNIST recipe (`vitkit train`) with each `--model.pos_embed`, "
              f"{plan['epochs']:g} epochs (the recipe's {RECIPE_EPOCHS}, scaled down for the budget)"
              + (f", model options `{' '.join(plan['model'])}`" if plan["model"] else "")

@@ -58,3 +58,12 @@ def provenance(started: datetime) -> dict:
     """What every results file records of its run: the command, the start, the commit and the machine."""
     return {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
             "date": started.isoformat(timespec="seconds"), "commit": revision(), "machine": machine()}
+
+
+def header_lines(record: dict) -> list[str]:
+    """The lines a report lists first under its title: the command, the date and commit, and the machine (its CPU,
+    the instruction sets the bf16 and int8 modes depend on, torch and its threads)."""
+    m = record["machine"]
+    return [f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
+            f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
+            f"with {m['torch_threads']} threads"]

@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from provenance import provenance
+from provenance import header_lines, provenance
 
 VITKIT = Path(sys.executable).with_name("vitkit")
 
@@ -140,12 +140,11 @@ def main() -> int:
 
 
 def report(r: dict) -> str:
-    m, lat = r["machine"], r["latency_ms"]
+    lat = r["latency_ms"]
     batches = ", ".join(f"{k}: {v}" for k, v in r["batch_sizes"].items())
     return "\n".join([
         "# vitkit serve under load (loopback)", "",
-        f"- command: `{r['command']}`", f"- date: {r['date']}, commit {r['commit']}",
-        f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa'])}), torch {m['torch']}",
+        *header_lines(r),
         f"- weights: {r['weights']} ({r['image_size'][0]}x{r['image_size'][1]}), precision {r['precision']}, "
         f"serve options: {' '.join(r['serve_args']) or '(defaults)'}",
         f"- load: {r['requests']} POST /predict (multipart PNG) from {r['concurrency']} concurrent clients; "

@@ -4,16 +4,19 @@
     .venv/bin/python benchmarks/speed.py --quick       # Ti/16 only, fewer repetitions (a smoke run)
 
 What it measures:
-- the machine's ceiling: a large fp32 and bf16 matmul, GFLOP/s;
+- the machine's ceiling: a large fp32 and bf16 matmul, GFLOP/s, and an int8 one (torch._int_mm), GOP/s; each row's
+  fraction of the ceiling is of its own number format's (fp32, bf16 or int8);
+- which mode vitkit's `--precision auto` chooses at each model and batch (timed afresh, vitkit.fastest_mode), and the
+  raised goals: auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode, vitkit fp32 >= the fastest runtime fp32;
 - inference images/s of Ti/16, S/16 and B/16 at 224x224, batch 1 and 16: vitkit in each mode
   (vitkit.inference_modes) against timm (eager fp32, eager with bf16 weights), HF transformers
   (ViTForImageClassification, SDPA attention) and vit-pytorch, and against ONNX Runtime (CPU, every graph
   optimisation, as many threads as torch) running the same vitkit model exported to ONNX (vitkit.export), fp32 and
   dynamically quantised to int8 (needs the `export` extra; `--no-onnx` leaves it out), and against OpenVINO's CPU
-  plugin on the same file made static for the batch, fp32, bf16 and int8 quantised by NNCF (needs `pip install
-  openvino nncf`; `--no-openvino` leaves it out). vitkit loads timm's and HF's weights through its converters and its
-  logits are compared with theirs and with the runtimes'. vit-pytorch's ViT
-  is not the paper's (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
+  plugin on the same file made static for the batch, fp32, bf16 and int8 quantised by NNCF (needs the `bench` extra,
+  which `make setup` installs; `--no-openvino` leaves it out). vitkit loads timm's and HF's weights through its
+  converters and its logits are compared with theirs and with the runtimes'. vit-pytorch's ViT is not the paper's
+  (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
   of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
   (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.compile);
@@ -31,7 +34,7 @@ batch's re-allocated tensors would otherwise take.
 
 Contenders are interleaved: every repetition runs each once, in turn, so machine noise hits all alike;
 the figures are medians over repetitions. Each row also gives the ratio to timm eager fp32 and the
-fraction of the matmul ceiling reached (model FLOPs x images/s / the ceiling of the mode's precision).
+fraction of the matmul ceiling reached (model FLOPs x images/s / the ceiling of the mode's number format).
 Checks the speed issue's goals against the figures, and writes a markdown table and JSON to
 docs/results/speed_<date>.{md,json}.
 """
@@ -52,12 +55,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from provenance import provenance
+from provenance import header_lines, provenance
 
 import vitkit
 from vitkit import allocator
 from vitkit.export import INSTALL_HINT, export_onnx, needs_external_data, quantise_int8
-from vitkit.inference_modes import InferenceModel
+from vitkit.inference_modes import InferenceModel, fastest_inference_mode
 from vitkit.train.compile import compile_for_training
 
 SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536), "B/16": ("base", 768, 12, 12, 3072)}
@@ -66,14 +69,21 @@ SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536)
 # --- what the hardware can do ------------------------------------------------------------------------------------
 
 def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float:
-    """Median GFLOP/s of an n x n matmul in `dtype`."""
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    """Median GFLOP/s (GOP/s for int8) of an n x n matmul in `dtype`: fp32 and bf16 by `@`, int8 by torch._int_mm
+    (int8 operands, int32 accumulation and result: oneDNN's VNNI or AMX kernels where the CPU has them)."""
+    if dtype == torch.int8:
+        generator = torch.Generator().manual_seed(0)
+        a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=generator) for _ in range(2))
+        multiply = torch._int_mm
+    else:
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        multiply = torch.matmul
     for _ in range(2):
-        a @ b
+        multiply(a, b)
     times = []
     for _ in range(reps):
         start = time.perf_counter()
-        a @ b
+        multiply(a, b)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times) / 1e9
 
@@ -136,9 +146,10 @@ def memory_in_fresh_process(kind: str, what: str, batch: int, contender: str) ->
 def _memory_child(spec: str) -> int:
     job = json.loads(spec)
     if job["kind"] == "inference":
-        contenders, _ = inference_contenders(job["what"], "compile" in job["contender"],
-                                             job["contender"].startswith("onnxruntime"),
-                                             job["contender"].startswith("openvino"), job["batch"])
+        contenders, _, _ = inference_contenders(job["what"], "compile" in job["contender"],
+                                                job["contender"].startswith("onnxruntime"),
+                                                job["contender"].startswith("openvino"), job["batch"],
+                                                with_auto=False)
         x = torch.randn(job["batch"], 3, 224, 224)
         run = contenders[job["contender"]]
 
@@ -155,9 +166,11 @@ def _memory_child(spec: str) -> int:
 # --- contenders ---------------------------------------------------------------------------------------------------
 
 def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False, with_openvino: bool = False,
-                         batch: int = 16) -> tuple[dict, dict]:
-    """{name: callable(images) -> logits} and {name: max |logit difference| against the vitkit twin}. OpenVINO's
-    model is made static for `batch`, as a deployer who knows the batch would."""
+                         batch: int = 16, with_auto: bool = True) -> tuple[dict, dict, dict | None]:
+    """{name: callable(images) -> logits}, {name: max |logit difference| against the vitkit twin}, and the mode
+    vitkit's `--precision auto` runs at `batch` ({"precision", "reason"}: timed afresh, not read from a cache; None
+    without `with_auto`).
+    OpenVINO's model is made static for `batch`, as a deployer who knows the batch would."""
     import timm
     import transformers
     from vit_pytorch import ViT as VitPytorch
@@ -187,6 +200,11 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     modes = [("fp32", False), ("bf16", False), ("bf16-mixed", False), ("int8", False)]
     if with_compile:
         modes += [("fp32", True), ("bf16", True)]
+    auto = None
+    if with_auto:
+        with tempfile.TemporaryDirectory(prefix="vitkit-speed-cache-") as cache:
+            choice = fastest_inference_mode(model, torch.device("cpu"), batch, cache=Path(cache))
+        auto = {"precision": choice.precision, "reason": choice.reason.split("; remembered")[0]}
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
@@ -201,7 +219,7 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
         for name, run in contenders.items():
             if name.startswith(("vitkit", "onnxruntime", "openvino")) or name == "timm bf16 weights":
                 differences[name] = float((run(x) - reference).abs().max())
-    return contenders, differences
+    return contenders, differences, auto
 
 
 def onnx_unavailable() -> str | None:
@@ -220,7 +238,7 @@ def openvino_unavailable() -> str | None:
         try:
             __import__(name)
         except ImportError as err:
-            return f"{err} (pip install openvino nncf onnx onnxscript)"
+            return f"{err} (pip install -e '.[bench,export]')"
     return None
 
 
@@ -410,9 +428,11 @@ def main() -> int:
               "repetitions": reps, "allocator": allocator_setting,
               "onnxruntime": _onnx_runtime_setting(args.no_onnx, onnx_missing),
               "openvino": _openvino_setting(args.no_openvino, openvino_missing), "inference": [], "training": []}
-    ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16)}
+    ceiling = {"fp32": matmul_ceiling(torch.float32), "bf16": matmul_ceiling(torch.bfloat16),
+               "int8": matmul_ceiling(torch.int8)}
     record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
-    print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s", flush=True)
+    print(f"matmul ceiling: fp32 {ceiling['fp32']:.0f} GFLOP/s, bf16 {ceiling['bf16']:.0f} GFLOP/s, "
+          f"int8 {ceiling['int8']:.0f} GOP/s", flush=True)
 
     for size in sizes:
         _, width, depth, _, mlp = SIZES[size]
@@ -422,7 +442,8 @@ def main() -> int:
             # cleared first: every model shares one forward code object, and after 8 compilations of it (the
             # recompile limit) torch would silently run later "compiled" contenders eagerly.
             torch._dynamo.reset()
-            contenders, differences = inference_contenders(size, not args.no_compile, with_onnx, with_openvino, batch)
+            contenders, differences, auto = inference_contenders(size, not args.no_compile, with_onnx, with_openvino,
+                                                                 batch)
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
             def call(run, x=x):
@@ -435,7 +456,8 @@ def main() -> int:
                         None if "compile" in name else memory_in_fresh_process("inference", size, batch, name))
             rows = _rows(measured, batch, flops, ceiling, differences)
             record["inference"].append({"model": size, "batch": batch, "gflops_per_image": round(flops / 1e9, 3),
-                                        "rows": rows})
+                                        "rows": rows, "auto": auto})
+            print(f"vitkit --precision auto at batch {batch}: {auto['precision']} ({auto['reason']})", flush=True)
             _print_table(f"inference {size} @224, batch {batch}", rows)
             del contenders
 
@@ -491,7 +513,7 @@ def _rows(measured: dict, batch: int, flops: float, ceiling: dict, differences: 
     rows = []
     for name, m in measured.items():
         images_per_s = batch / m["seconds"]
-        precision = "bf16" if "bf16" in name else "fp32"
+        precision = "int8" if "int8" in name else "bf16" if "bf16" in name else "fp32"
         memory = m.get("peak_extra_bytes") or {}
         rows.append({"contender": name, "images_per_s": round(images_per_s, 2),
                      "vs_timm_fp32": round(images_per_s / base, 2),
@@ -538,6 +560,10 @@ def goal_checks(record: dict) -> list[dict]:
         if "vitkit fp32" in rows:
             ratio = rows["vitkit fp32"]["vs_timm_fp32"]
             check("S/16 @224 batch 16: vitkit fp32 >= 1.0x timm fp32", f"{ratio:.2f}x", ratio >= 1.0)
+    for entry in record["inference"]:
+        if entry["model"] != "S/16":
+            continue
+        checks.extend(runtime_goal_checks(entry, record["matmul_gflops"]))
     for entry in record["training"]:
         if entry["shape"] != "fashion-mnist default":
             continue
@@ -563,6 +589,43 @@ def goal_checks(record: dict) -> list[dict]:
     return checks
 
 
+RUNTIMES = ("onnxruntime", "openvino")
+"""The deployment runtimes vitkit's modes are held against (the exported model's contenders)."""
+
+
+def runtime_goal_checks(entry: dict, ceiling: dict) -> list[dict]:
+    """The raised goals for one inference entry (model and batch): vitkit's `auto` mode >= 1.2x the fastest runtime
+    mode, vitkit fp32 >= the fastest runtime fp32, and vitkit's fastest mode >= 75% of the matmul ceiling of its
+    number format (bf16 or int8). Accuracy cost is benchmarks/inference_accuracy.py's to report."""
+    where = f"{entry['model']} @224 batch {entry['batch']}"
+    rows = {r["contender"]: r for r in entry["rows"]}
+    runtimes = [r for r in entry["rows"] if r["contender"].startswith(RUNTIMES)]
+    checks = []
+    auto = entry.get("auto")
+    if runtimes and auto and f"vitkit {auto['precision']}" in rows:
+        best = max(runtimes, key=lambda r: r["images_per_s"])
+        ours = rows[f"vitkit {auto['precision']}"]
+        ratio = ours["images_per_s"] / best["images_per_s"]
+        checks.append({"goal": f"{where}: vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode",
+                       "measured": f"auto = {auto['precision']} {ours['images_per_s']:.1f} images/s, "
+                                   f"{ratio:.2f}x {best['contender']} {best['images_per_s']:.1f}",
+                       "met": ratio >= 1.2})
+    runtime_fp32 = [r for r in runtimes if r["contender"].endswith("fp32")]
+    if runtime_fp32 and "vitkit fp32" in rows:
+        best = max(runtime_fp32, key=lambda r: r["images_per_s"])
+        ratio = rows["vitkit fp32"]["images_per_s"] / best["images_per_s"]
+        checks.append({"goal": f"{where}: vitkit fp32 >= the fastest runtime fp32",
+                       "measured": f"{ratio:.2f}x {best['contender']}", "met": ratio >= 1.0})
+    ours = [r for r in entry["rows"] if r["contender"].startswith("vitkit") and r["ceiling"] in ("bf16", "int8")]
+    if ours and "int8" in ceiling:
+        fastest = max(ours, key=lambda r: r["images_per_s"])
+        fraction = entry["gflops_per_image"] * fastest["images_per_s"] / ceiling[fastest["ceiling"]]
+        checks.append({"goal": f"{where}: fastest vitkit mode >= 75% of its matmul ceiling (bf16 or int8)",
+                       "measured": f"{fastest['contender']}: {100 * fraction:.1f}% of the {fastest['ceiling']} "
+                                   f"ceiling {ceiling[fastest['ceiling']]}", "met": fraction >= 0.75})
+    return checks
+
+
 def _print_table(title: str, rows: list[dict]) -> None:
     print("\n".join(_table(title, rows)), flush=True)
 
@@ -571,13 +634,12 @@ def _write(record: dict, out: Path, started: datetime) -> None:
     out.mkdir(parents=True, exist_ok=True)
     stem = f"speed_{started.strftime('%Y-%m-%d_%H%M')}"
     (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    m = record["machine"]
     lines = ["# CPU speed: vitkit vs timm, HF transformers and vit-pytorch", "",
-             f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
-             f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
-             f"with {m['torch_threads']} threads",
+             *header_lines(record),
              f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
-             f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s",
+             f"bf16 {record['matmul_gflops']['bf16']} GFLOP/s"
+             + (f", int8 {record['matmul_gflops']['int8']} GOP/s (torch._int_mm)" if "int8" in record["matmul_gflops"]
+                else ""),
              f"- allocator (speed figures): {record.get('allocator', 'not recorded')}",
              f"- ONNX Runtime: {record.get('onnxruntime', 'not measured')}",
              f"- medians of {record['repetitions']} interleaved repetitions; 'peak extra MB' is how far the process's "
@@ -592,6 +654,9 @@ def _write(record: dict, out: Path, started: datetime) -> None:
     for entry in record["inference"]:
         lines += _table(f"Inference {entry['model']} @224, batch {entry['batch']} "
                         f"({entry['gflops_per_image']} GFLOP/image)", entry["rows"])
+        if entry.get("auto"):
+            lines[-1:-1] = [f"vitkit `--precision auto` here: {entry['auto']['precision']} "
+                            f"({entry['auto']['reason']})", ""]
     for entry in record["training"]:
         lines += _table(f"Training step, {entry['shape']}, batch {entry['batch']} "
                         f"({entry['gflops_per_image']} GFLOP/image fwd+bwd)", entry["rows"])

@@ -23,6 +23,7 @@ LAYERS = [
     ["vitkit.model", "vitkit.data", "vitkit.runtime"],
     ["vitkit.weights"],
     ["vitkit"],  # the package's face: the public API of the layers below
+    ["vitkit.fastest_mode"],
     ["vitkit.evaluation", "vitkit.inference_modes", "vitkit.pretrain", "vitkit.inspect"],
     ["vitkit.inference"],
     ["vitkit.fewshot", "vitkit.inspection", "vitkit.export", "vitkit.serve"],  # commands over inference

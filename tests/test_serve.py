@@ -22,7 +22,7 @@ import vitkit
 from vitkit.cli import main
 from vitkit.data import eval_transform, load_image
 from vitkit.inspect import attention_rollout, overlay_image
-from vitkit.serve import ServeOptions, build_app, serving_precision
+from vitkit.serve import ServeOptions, build_app
 from vitkit.serve.batching import BatchQueue, QueueFullError
 
 CLASSES = [f"class {i}" for i in range(10)]
@@ -270,16 +270,15 @@ def test_the_queue_refuses_bad_limits(arguments):
 
 # ---- options ----
 
-def test_auto_serves_int8_where_the_cpu_has_vnni(monkeypatch):
-    import vitkit.serve.options as options
+def test_auto_is_chosen_at_the_largest_batch_and_reported(weights, monkeypatch, tmp_path):
+    import vitkit.fastest_mode as fastest_mode
 
-    cpu = torch.device("cpu")
-    monkeypatch.setattr(options, "cpu_has_vnni", lambda: True)
-    assert serving_precision("auto", cpu) == "int8"
-    assert serving_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(options, "cpu_has_vnni", lambda: False)
-    monkeypatch.setattr(options, "resolve_precision", lambda p, d: {"auto": "bf16"}.get(p, p))
-    assert serving_precision("auto", cpu) == "bf16"
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path / "cache"))
+    app = build_app(ServeOptions(weights=str(weights), max_batch=4))  # precision auto, the default
+    assert app.state.precision in fastest_mode.candidates(torch.device("cpu"))
+    if len(fastest_mode.candidates(torch.device("cpu"))) > 1:  # timed once, at the batch requests are gathered into
+        (entry,) = json.loads((tmp_path / "cache" / fastest_mode.CACHE_FILE).read_text()).values()
+        assert entry["key"]["batch"] == 4 and entry["precision"] == app.state.precision
 
 
 @pytest.mark.parametrize("option, value", [("port", "0"), ("port", "70000"), ("max_batch", "0"), ("topk", "0"),

@@ -37,8 +37,8 @@ def test_onnx_runtime_contenders_give_the_models_logits():
 
 
 def test_openvino_contenders_give_the_models_logits():
-    pytest.importorskip("openvino", reason="the OpenVINO contenders need `pip install openvino nncf`")
-    pytest.importorskip("nncf", reason="the OpenVINO contenders need `pip install openvino nncf`")
+    pytest.importorskip("openvino", reason="the OpenVINO contenders need the bench extra (make setup)")
+    pytest.importorskip("nncf", reason="the OpenVINO contenders need the bench extra (make setup)")
     torch.manual_seed(0)
     model = vitkit.create_model("Ti/8", img_size=32, in_chans=3, num_classes=5, width=32, depth=1, heads=2,
                                 mlp_dim=64).eval()
@@ -63,3 +63,33 @@ def test_a_missing_onnx_package_is_named(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # makes `import onnxscript` raise ImportError
     reason = speed.onnx_unavailable()
     assert reason is not None and "onnxscript" in reason and "vitkit[export]" in reason
+
+
+def test_the_raised_goals_compare_auto_and_fp32_with_the_fastest_runtime_and_the_ceiling():
+    def row(name, images_per_s, ceiling):
+        return {"contender": name, "images_per_s": images_per_s, "ceiling": ceiling}
+    entry = {"model": "S/16", "batch": 16, "gflops_per_image": 10.0, "auto": {"precision": "int8", "reason": "timed"},
+             "rows": [row("timm fp32", 10.0, "fp32"), row("vitkit fp32", 21.0, "fp32"),
+                      row("vitkit bf16", 30.0, "bf16"), row("vitkit int8", 48.0, "int8"),
+                      row("onnxruntime fp32", 17.0, "fp32"), row("openvino fp32", 20.0, "fp32"),
+                      row("openvino bf16", 40.0, "bf16"), row("onnxruntime int8", 32.0, "int8")]}
+    checks = {c["goal"].split(": ", 1)[1]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}
+    auto = checks["vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode"]
+    assert auto["met"] and "1.20x openvino bf16 40.0" in auto["measured"]  # 48 / 40, exactly the goal
+    fp32 = checks["vitkit fp32 >= the fastest runtime fp32"]
+    assert fp32["met"] and "1.05x openvino fp32" in fp32["measured"]
+    ceiling = checks["fastest vitkit mode >= 75% of its matmul ceiling (bf16 or int8)"]
+    assert ceiling["met"] and "vitkit int8: 80.0% of the int8 ceiling" in ceiling["measured"]  # 10 x 48 / 600
+    entry["auto"] = {"precision": "bf16", "reason": "timed"}
+    assert not {c["goal"]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}[
+        "S/16 @224 batch 16: vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode"]["met"]  # 30 / 40
+
+
+def test_each_mode_is_held_to_the_ceiling_of_its_number_format():
+    measured = {name: {"seconds": 1.0} for name in ("timm fp32", "vitkit bf16", "vitkit int8", "onnxruntime int8")}
+    rows = {r["contender"]: r for r in speed._rows(measured, 16, 1e9, {"fp32": 100.0, "bf16": 200.0, "int8": 400.0},
+                                                   {})}
+    assert {name: (r["ceiling"], r["ceiling_fraction"]) for name, r in rows.items()} == {
+        "timm fp32": ("fp32", 0.16), "vitkit bf16": ("bf16", 0.08), "vitkit int8": ("int8", 0.04),
+        "onnxruntime int8": ("int8", 0.04)}
+    assert speed.matmul_ceiling(torch.int8, n=64, reps=1) > 0

@@ -335,3 +335,20 @@ def test_resumed_metrics_log_drops_the_records_after_the_checkpoint(tmp_path):
     log.close()
     assert [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "metrics.jsonl")] == [
         (1, 1.0), (2, 0.5), (3, 1.0 / 3), (4, 0.25)]
+
+
+@pytest.mark.parametrize("eval_every, evaluated_epochs", [(1, [1, 2, 3, 4, 5]), (2, [2, 4, 5]), (0, [5])])
+def test_validation_runs_every_eval_every_epochs_and_after_the_last_step(tmp_path, eval_every, evaluated_epochs):
+    cfg = tiny_config(tmp_path / "run", epochs=5)
+    cfg.run.eval_every = eval_every
+    result = train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [round(r["epoch"]) for r in records if "val/top1" in r] == evaluated_epochs
+    assert result.val is not None and (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_a_negative_eval_every_is_refused(tmp_path):
+    cfg = tiny_config(tmp_path / "run")
+    cfg.run.eval_every = -1
+    with pytest.raises(ValueError, match="--run.eval_every must be 0 .* got -1"):
+        train(cfg)

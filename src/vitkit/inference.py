@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -25,9 +26,10 @@ class InferenceOptions:
 
     weights: str = ""
     """Weights to run: a vitkit .safetensors file (as written by `vitkit train`), or timm, HF or official weights."""
-    precision: Precision = "fp32"
-    """fp32; bf16 (weights cast once); bf16-mixed (bf16 matmuls on fp32 weights); int8 (dynamically quantised
-    linear layers, CPU only); auto (bf16 where the device computes bf16 natively, else fp32)."""
+    precision: Precision = "auto"
+    """auto (the default): the fastest mode within the accuracy bound on this machine, by the CPU's features or,
+    where they do not decide, timed once on the model and remembered (vitkit.fastest_mode); fp32; bf16 (weights
+    cast once); bf16-mixed (bf16 matmuls on fp32 weights); int8 (dynamically quantised linear layers, CPU only)."""
     compile: bool = False
     """torch.compile the model first (a slow first batch, faster ones after)."""
     keep_freed_memory: bool = True
@@ -87,7 +89,8 @@ def normalisation(preprocess: dict, in_chans: int) -> tuple[tuple[float, ...], t
 def evaluate_weights(opts: EvalOptions) -> EvalResult:
     if opts.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {opts.batch_size}")
-    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory)
+    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
+                                 batch_size=opts.batch_size)
     cfg = classifier.model.cfg
     data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans,
                         on_bad_image=opts.on_bad_image)
@@ -103,7 +106,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
         out = Path(opts.out)
         out.mkdir(parents=True, exist_ok=True)
         report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": runner.precision,
-                  "compile": opts.compile,
+                  "precision_asked": opts.precision, "compile": opts.compile,
                   **result.summary(), "confusion": result.confusion.tolist(), "class_names": data.class_names}
         atomic_write_text(out / f"eval_{opts.split}.json", json.dumps(report, indent=2) + "\n")
         plot_confusion(result.confusion, data.class_names, out / f"confusion_{opts.split}.png",
@@ -118,8 +121,8 @@ class ImageClassifier:
     copy: attention rollout reads its attention weights.
     """
 
-    def __init__(self, weights: str, precision: Precision = "fp32", compile: bool = False, device: str = "auto",
-                 keep_freed_memory: bool = False):
+    def __init__(self, weights: str, precision: Precision = "auto", compile: bool = False, device: str = "auto",
+                 keep_freed_memory: bool = False, batch_size: int = 16):
         self.device = resolve_device(device)
         self.model, preprocess = load_for_inference(weights, self.device)
         cfg = self.model.cfg
@@ -130,7 +133,11 @@ class ImageClassifier:
         self.image_mode = "L" if cfg.in_chans == 1 else "RGB"
         """The mode images are decoded in ("L" grey or "RGB")."""
         self._transform = eval_transform(self.mean, self.std, cfg.img_size)
-        self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory=keep_freed_memory)
+        self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory, batch_size)
+        """The model in its inference mode; `batch_size` is the batch it mostly runs, at which "auto" is timed."""
+        if self.runner.choice is not None:
+            # On stderr: stdout holds the results, which scripts read.
+            print(f"precision auto: {self.runner.precision} ({self.runner.choice.reason})", file=sys.stderr, flush=True)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """A decoded uint8 image (C, H, W) of any size -> the model's normalised input (C, h, w)."""
@@ -157,7 +164,9 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
         raise ValueError("--explain writes a figure per image: give --out DIR, the directory to write them into")
     if opts.explain and Path(opts.out).exists() and not Path(opts.out).is_dir():
         raise ValueError(f"--out {opts.out} exists and is not a directory")
-    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory)
+    # One image per call: "auto" is timed at batch 1.
+    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
+                                 batch_size=1)
     results = []
     taken: set[str] = set()
     for path in opts.images:

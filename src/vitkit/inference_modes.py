@@ -2,7 +2,8 @@
 
 `InferenceModel(model, precision, compile)` wraps a ViT once and is then called like it: float images in,
 fp32 logits out (or the representation, for a model without a head), whatever runs inside. The precisions
-are vitkit.runtime's vocabulary; "auto" resolves there. Each mode trades a little accuracy for speed; docs/results/ has
+are vitkit.runtime's vocabulary; "auto" is the fastest mode on this machine (vitkit.fastest_mode), timed once at
+`batch_size` where the CPU's features do not decide it. Each mode trades a little accuracy for speed; docs/results/ has
 the measured speed and accuracy cost of each, and tests/test_inference_modes.py the tolerances.
 
 - "fp32": the model as trained. On a CPU its linear layers run through oneDNN with their weights packed
@@ -25,12 +26,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import warnings
+from pathlib import Path
 from typing import Callable, Literal
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vitkit import fastest_mode
 from vitkit.allocator import keep_freed_memory as _keep_freed_memory
 from vitkit.model.vit import Attention, Mlp
 from vitkit.runtime import Precision, autocast, cpu_has_native_bf16, cpu_has_vnni, resolve_precision
@@ -42,10 +45,15 @@ MODES: tuple[str, ...] = ("fp32", "bf16", "bf16-mixed", "int8")
 class InferenceModel(nn.Module):
     """`model` prepared for inference in one mode; the original is left as it was."""
 
-    def __init__(self, model: nn.Module, precision: Precision = "fp32", compile: bool = False,
-                 keep_freed_memory: bool = False):
+    def __init__(self, model: nn.Module, precision: Precision = "auto", compile: bool = False,
+                 keep_freed_memory: bool = False, batch_size: int = 16):
         super().__init__()
         device = next(model.parameters()).device
+        self.choice: fastest_mode.ModeChoice | None = None
+        """Why "auto" became the precision it did (None when a precision was given)."""
+        if precision == "auto":
+            self.choice = fastest_inference_mode(model, device, batch_size, compile)
+            precision = self.choice.precision
         precision = resolve_precision(precision, device)
         self.precision = precision
         self.device = device
@@ -84,6 +92,24 @@ class InferenceModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"precision={self.precision}, compiled={self.compiled}"
+
+
+def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: int = 16, compile: bool = False,
+                           cache: Path | None = None) -> fastest_mode.ModeChoice:
+    """The precision "auto" stands for with `model` on `device` at `batch_size` (vitkit.fastest_mode), remembered in
+    `cache` (a directory; default vitkit.fastest_mode.cache_dir())."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    config = model.cfg.to_dict()
+    batch = min(batch_size, fastest_mode.MAX_TIMED_BATCH)
+    images = fastest_mode.example_batch(config, batch, device)
+
+    def build(precision: str) -> Callable[[], object]:
+        runner = InferenceModel(model, precision, compile)
+        return lambda: runner(images)
+
+    key = fastest_mode.timing_key(config, device, batch, compile)
+    return fastest_mode.choose(fastest_mode.candidates(device), build, key, cache)
 
 
 class PackedLinear(nn.Module):

@@ -8,11 +8,12 @@ One precision vocabulary serves every command and the Python API:
 | "bf16-mixed" | fp32    | bf16 (autocast, at every call) | yes | yes |
 | "bf16"       | bf16 (cast once) | bf16 | no: training keeps fp32 weights | yes |
 | "int8"       | int8 (quantised once) | int8, dynamic activations | no | yes, CPU only |
-| "auto"       | bf16 arithmetic where the device computes bf16 natively, fp32 elsewhere | | bf16-mixed | bf16 |
+| "auto"       | by device | | bf16-mixed if bf16 is native, else fp32 | the fastest mode in the bound (fastest_mode) |
 
 bf16 pays only where the hardware multiplies bf16 natively: on CPUs with AVX-512 BF16 or AMX, matmuls ran
 2.4-3x faster than fp32 on the 2-core development machine (docs/results/speed_*), while CPUs without them
-emulate bf16 and get slower. That is the one rule "auto" follows, for training and inference alike.
+emulate bf16 and get slower. That is the rule "auto" follows in training. At inference "auto" chooses among bf16,
+int8 and fp32 by the CPU's features and, where they do not decide, by timing the model once (vitkit.fastest_mode).
 """
 
 from __future__ import annotations
@@ -40,6 +41,19 @@ def cpu_flags() -> frozenset[str]:
         if line.startswith("flags"):
             return frozenset(line.split(":", 1)[1].split())
     return frozenset()
+
+
+@functools.cache
+def cpu_model_name() -> str:
+    """This CPU's model name as /proc/cpuinfo gives it (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return ""
 
 
 def cpu_has_native_bf16() -> bool:

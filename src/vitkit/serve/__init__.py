@@ -7,7 +7,7 @@ a server starts (`pip install 'vitkit[serve]'`).
 
 from __future__ import annotations
 
-from vitkit.serve.options import ServeOptions, serving_precision
+from vitkit.serve.options import ServeOptions
 
 INSTALL_HINT = "vitkit serve needs fastapi, uvicorn and python-multipart: pip install 'vitkit[serve]'"
 
@@ -20,10 +20,10 @@ def build_app(opts: ServeOptions):
     except ImportError as error:
         raise ImportError(f"{INSTALL_HINT} ({error})") from error
     from vitkit.inference import ImageClassifier
-    from vitkit.runtime import resolve_device
 
-    precision = serving_precision(opts.precision, resolve_device(opts.device))
-    classifier = ImageClassifier(opts.weights, precision, opts.compile, opts.device, opts.keep_freed_memory)
+    # Requests are gathered into batches of up to max_batch: "auto" is timed at that batch.
+    classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
+                                 batch_size=opts.max_batch)
     return create_app(classifier, opts)
 
 
@@ -39,4 +39,4 @@ def serve(opts: ServeOptions) -> None:
     uvicorn.run(app, host=opts.host, port=opts.port, log_level=opts.log_level)
 
 
-__all__ = ["INSTALL_HINT", "ServeOptions", "build_app", "serve", "serving_precision"]
+__all__ = ["INSTALL_HINT", "ServeOptions", "build_app", "serve"]

@@ -1,14 +1,11 @@
-"""The options of `vitkit serve`, and the precision it serves in by default."""
+"""The options of `vitkit serve`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
 from vitkit.inference import InferenceOptions
-from vitkit.runtime import Precision, cpu_has_vnni, resolve_precision
 
 DEFAULT_MAX_PIXELS = 16_000_000
 """Uploads with more pixels are refused before decoding: 16 megapixels decode to 48 MB of RGB."""
@@ -18,11 +15,6 @@ DEFAULT_MAX_PIXELS = 16_000_000
 class ServeOptions(InferenceOptions):
     """Serve saved weights over HTTP: POST /predict, POST /explain, GET /healthz, and a page at /."""
 
-    precision: Precision = "auto"
-    """fp32, bf16, bf16-mixed, int8 or auto. auto: int8 on a CPU with int8 dot products (VNNI or AMX), whose
-    measured cost on the trained Fashion-MNIST model is within the documented bound (top-1 agreement with fp32 of
-    at least 99.5%, test top-1 within 0.2 points; benchmarks/inference_accuracy.py); else bf16 where the device
-    computes bf16 natively; else fp32."""
     host: str = "127.0.0.1"
     """Address to listen on (0.0.0.0: every interface)."""
     port: int = 8000
@@ -60,10 +52,3 @@ class ServeOptions(InferenceOptions):
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1_000_000)
-
-
-def serving_precision(precision: str, device: torch.device) -> str:
-    """The precision `vitkit serve` runs in: "auto" is int8 on a CPU with VNNI or AMX, else as everywhere."""
-    if precision == "auto" and device.type == "cpu" and cpu_has_vnni():
-        return "int8"
-    return resolve_precision(precision, device)

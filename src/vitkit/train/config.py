@@ -179,6 +179,9 @@ class RunOptions:
     """Write a resumable checkpoint every this many steps (and at each epoch end)."""
     keep_checkpoints: int = 2
     """How many of the newest checkpoints to keep."""
+    eval_every: int = 1
+    """Evaluate on the validation split every this many epochs, and after the last step; 0: after the last step
+    only (each evaluation of Fashion-MNIST's 5,000 validation images costs about 2 s on 2 CPU cores)."""
     on_nonfinite: Literal["stop", "skip"] = "stop"
     """A non-finite loss or gradient: stop (keeping the last good checkpoint) or skip the step and count it."""
     log_every: int = 50

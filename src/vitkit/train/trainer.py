@@ -130,6 +130,8 @@ def validate(cfg: TrainConfig) -> None:
     for name in ("checkpoint_every", "log_every"):
         if getattr(cfg.run, name) < 1:
             raise ValueError(f"--run.{name} must be at least 1, got {getattr(cfg.run, name)}")
+    if cfg.run.eval_every < 0:
+        raise ValueError(f"--run.eval_every must be 0 (after the last step only) or more, got {cfg.run.eval_every}")
     if cfg.run.max_steps is not None and cfg.run.max_steps < 1:
         raise ValueError(f"--run.max_steps must be at least 1, got {cfg.run.max_steps}")
     if cfg.data.num_workers < 0:
@@ -423,11 +425,13 @@ def _log_step(run: Run, sums: dict[str, float]) -> None:
 # ---- evaluation and checkpoints ----
 
 def _end_of_period(run: Run) -> None:
-    """At an epoch's end, the last step or a checkpoint step: evaluate (epoch ends and the last step), then
-    write a checkpoint. Every process waits for rank 0 here."""
+    """At an epoch's end, the last step or a checkpoint step: evaluate (every `eval_every` epoch ends and the last
+    step), then write a checkpoint. Every process waits for rank 0 here."""
     p, main = run.position, run.ctx.is_main
     epoch_done = p.batch >= run.steps_per_epoch
-    if main and (epoch_done or p.step == run.stop_at) and len(run.val_set):
+    every = run.cfg.run.eval_every
+    evaluate_now = p.step == run.stop_at or (epoch_done and every > 0 and (p.epoch + 1) % every == 0)
+    if main and evaluate_now and len(run.val_set):
         with autocast(run.device, run.precision):
             run.val = run.objective.evaluate(run.eval_model, run.val_set, run.device)
         run.log.log({**{f"val/{k}": v for k, v in run.val.metrics.items()},

@@ -1,0 +1,139 @@
+"""What `--precision auto` runs at inference: the fastest mode this machine offers within the accuracy bound.
+
+Every inference mode is held to one accuracy bound on the trained Fashion-MNIST model (top-1 agreement with fp32
+of at least 99.5%, test top-1 within 0.2 points; `benchmarks/inference_accuracy.py` measures it), so "auto"
+chooses on speed among the modes the device runs at full width of their kind:
+
+- a GPU: bf16 where it computes bf16 natively, else fp32;
+- a CPU with neither bf16 dot products (AVX-512 BF16, AMX) nor int8 ones (VNNI, AMX): fp32, since bf16 would be
+  emulated and int8 would keep 7 bits, a form not measured against the bound;
+- a CPU with one of the two: that one;
+- a CPU with both: the features do not decide. On the AMD EPYC (AVX-512 BF16 and VNNI) int8 led at batch 16 (S/16:
+  46.0 against bf16's 34.4 images/s) and bf16 at batch 1 (Ti/16: 64.4 against 56.8); on an Intel Xeon with AMX bf16
+  led at both. So the two are timed once on the model itself, at the batch it will run (at most
+  `MAX_TIMED_BATCH`), and the faster one is remembered in a cache file keyed by everything the timing depends on:
+  the CPU, torch's version and threads, the model's config, the batch and compilation.
+
+The cache is `$VITKIT_CACHE_DIR/fastest_mode.json` (default `~/.cache/vitkit/`). A cache that cannot be read is
+measured over; one that cannot be written only costs the timing again next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from vitkit.atomic import atomic_write_text
+from vitkit.runtime import cpu_flags, cpu_has_native_bf16, cpu_has_vnni, cpu_model_name, resolve_precision
+
+MAX_TIMED_BATCH = 64
+"""Larger batches are timed at this size: the order of the modes does not change above it, the timing's cost does."""
+TIMED_ROUNDS = 3
+"""Interleaved calls per mode after one warm-up call each; the median decides."""
+CACHE_FILE = "fastest_mode.json"
+
+
+@dataclass(frozen=True)
+class ModeChoice:
+    """The precision "auto" stands for, and why."""
+
+    precision: str
+    reason: str
+
+
+def cache_dir() -> Path:
+    """Where vitkit keeps what it measured about this machine: $VITKIT_CACHE_DIR, else ~/.cache/vitkit."""
+    configured = os.environ.get("VITKIT_CACHE_DIR")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vitkit"
+
+
+def candidates(device: torch.device) -> tuple[str, ...]:
+    """The inference precisions "auto" may choose on `device`, by its features alone."""
+    if device.type != "cpu":
+        return (resolve_precision("auto", device),)
+    fast = tuple(mode for mode, present in (("bf16", cpu_has_native_bf16()), ("int8", cpu_has_vnni())) if present)
+    return fast or ("fp32",)
+
+
+def timing_key(model_config: dict, device: torch.device, batch: int, compile: bool) -> dict:
+    """Everything a timing of the modes depends on; a cached choice is reused only under an equal key."""
+    return {"cpu": cpu_model_name(), "features": sorted(cpu_flags() & MATRIX_FLAGS), "device": str(device),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model_config,
+            "batch": batch, "compile": compile}
+
+
+MATRIX_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni", "avx512f",
+                          "avx2"})
+"""The CPU features the speed of the modes depends on (part of the cache key)."""
+
+
+def choose(options: tuple[str, ...], build: Callable[[str], Callable[[], object]], key: dict,
+           cache: Path | None = None) -> ModeChoice:
+    """The fastest of `options`: the only one, or the cached choice for `key`, or timed now and cached.
+
+    `build(precision)` prepares the model in that mode and returns a call that runs one batch; it is called only when
+    the choice is timed."""
+    if len(options) == 1:
+        return ModeChoice(options[0], "the only mode within the bound that this device runs at full width")
+    path = (cache_dir() if cache is None else cache) / CACHE_FILE
+    entries = _read_cache(path)
+    entry_key = json.dumps(key, sort_keys=True)
+    cached = entries.get(entry_key)
+    if cached and cached.get("precision") in options:
+        return ModeChoice(cached["precision"], f"timed before at batch {key['batch']}: {_timings(cached)} ({path})")
+    runs = {mode: build(mode) for mode in options}
+    seconds: dict[str, list[float]] = {mode: [] for mode in options}
+    for round_ in range(TIMED_ROUNDS + 1):
+        for mode, run in runs.items():  # interleaved, so a slow spell of the machine hits every mode
+            start = time.perf_counter()
+            run()
+            if round_:  # the first call of each holds its one-time costs
+                seconds[mode].append(time.perf_counter() - start)
+    median_ms = {mode: 1000 * statistics.median(values) for mode, values in seconds.items()}
+    fastest = min(median_ms, key=median_ms.get)
+    entry = {"precision": fastest, "median_ms": {mode: round(ms, 3) for mode, ms in median_ms.items()},
+             "key": key}
+    entries[entry_key] = entry
+    try:
+        atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
+        where = f"remembered in {path}"
+    except OSError as err:
+        where = f"not remembered: {path} could not be written ({err.strerror or err})"
+    return ModeChoice(fastest, f"timed now at batch {key['batch']}: {_timings(entry)}; {where}")
+
+
+def _timings(entry: dict) -> str:
+    return ", ".join(f"{mode} {ms:.2f} ms" for mode, ms in sorted(entry.get("median_ms", {}).items(),
+                                                                   key=lambda item: item[1]))
+
+
+def _read_cache(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        entries = json.loads(path.read_text())
+        if not isinstance(entries, dict):
+            raise ValueError(f"a JSON {type(entries).__name__}, not an object")
+    except (OSError, ValueError) as err:
+        warnings.warn(f"ignoring the unreadable mode cache {path} ({err}); the modes are timed again and the file "
+                      "is rewritten", stacklevel=3)
+        return {}
+    return entries
+
+
+def example_batch(model_config: dict, batch: int, device: torch.device) -> torch.Tensor:
+    """A (B, C, H, W) batch of the model's input size to time the modes on (the values do not change the time)."""
+    height, width = model_config["img_size"]
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(min(batch, MAX_TIMED_BATCH), model_config["in_chans"], height, width, generator=generator)
+    return images.to(device)

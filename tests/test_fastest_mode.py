@@ -1,0 +1,103 @@
+"""`--precision auto` at inference: the candidates by the CPU's features, the timed choice among them, its cache,
+and the mode InferenceModel then runs."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+import vitkit.fastest_mode as fastest_mode
+from vitkit.fastest_mode import CACHE_FILE, candidates, choose
+from vitkit.inference_modes import InferenceModel, fastest_inference_mode
+from vitkit.model import ViT, ViTConfig
+
+CPU = torch.device("cpu")
+
+
+@pytest.mark.parametrize("bf16, vnni, expected", [(False, False, ("fp32",)), (True, False, ("bf16",)),
+                                                  (False, True, ("int8",)), (True, True, ("bf16", "int8"))])
+def test_the_candidates_follow_the_cpus_features(monkeypatch, bf16, vnni, expected):
+    monkeypatch.setattr(fastest_mode, "cpu_has_native_bf16", lambda: bf16)
+    monkeypatch.setattr(fastest_mode, "cpu_has_vnni", lambda: vnni)
+    assert candidates(CPU) == expected
+
+
+def sleeper(delays: dict[str, float], built: list[str]):
+    def build(mode):
+        built.append(mode)
+        return lambda: time.sleep(delays[mode])
+    return build
+
+
+KEY = {"batch": 4, "model": {"width": 8}}
+
+
+def test_one_candidate_is_chosen_without_timing(tmp_path):
+    def build(mode):
+        raise AssertionError("nothing to time")
+    choice = choose(("fp32",), build, KEY, tmp_path)
+    assert choice.precision == "fp32" and not (tmp_path / CACHE_FILE).exists()
+
+
+def test_the_faster_mode_is_chosen_remembered_and_reused(tmp_path):
+    built: list[str] = []
+    first = choose(("bf16", "int8"), sleeper({"bf16": 0.02, "int8": 0.0}, built), KEY, tmp_path)
+    assert first.precision == "int8" and sorted(built) == ["bf16", "int8"] and "timed now at batch 4" in first.reason
+    (entry,) = json.loads((tmp_path / CACHE_FILE).read_text()).values()
+    assert entry["precision"] == "int8" and entry["key"] == KEY
+    assert entry["median_ms"]["bf16"] >= 20 > entry["median_ms"]["int8"]
+
+    def build(mode):
+        raise AssertionError("a remembered choice is not timed again")
+    again = choose(("bf16", "int8"), build, KEY, tmp_path)
+    assert again.precision == "int8" and "timed before" in again.reason
+    # another key (here another batch) is timed on its own, and kept beside the first
+    other = choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, built), {**KEY, "batch": 1}, tmp_path)
+    assert other.precision == "bf16" and len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2
+
+
+def test_a_remembered_mode_that_is_no_longer_a_candidate_is_timed_again(tmp_path):
+    choose(("fp32", "int8"), sleeper({"fp32": 0.0, "int8": 0.02}, []), KEY, tmp_path)
+    assert choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, []), KEY, tmp_path).precision == "bf16"
+
+
+def test_an_unreadable_cache_is_timed_over_and_rewritten(tmp_path):
+    (tmp_path / CACHE_FILE).write_text("[1, 2")
+    with pytest.warns(UserWarning, match=rf"ignoring the unreadable mode cache .*{CACHE_FILE}"):
+        choice = choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, []), KEY, tmp_path)
+    assert choice.precision == "bf16"
+    assert json.loads((tmp_path / CACHE_FILE).read_text())[json.dumps(KEY, sort_keys=True)]["precision"] == "bf16"
+
+
+def test_an_unwritable_cache_still_chooses(tmp_path):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("not a directory")
+    choice = choose(("bf16", "int8"), sleeper({"bf16": 0.02, "int8": 0.0}, []), KEY, blocked)
+    assert choice.precision == "int8" and "not remembered" in choice.reason and blocked.read_text() == "not a directory"
+
+
+def test_the_cache_lives_where_the_environment_says(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path / "here"))
+    assert fastest_mode.cache_dir() == tmp_path / "here"
+    monkeypatch.delenv("VITKIT_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert fastest_mode.cache_dir() == tmp_path / "xdg" / "vitkit"
+
+
+def test_inference_model_auto_runs_the_chosen_mode(monkeypatch, tmp_path):
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path))
+    torch.manual_seed(0)
+    model = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, width=32, depth=2, heads=2,
+                          mlp_dim=64)).eval()
+    runner = InferenceModel(model, batch_size=3)  # "auto" is the default
+    assert runner.choice is not None and runner.precision == runner.choice.precision in candidates(CPU)
+    images = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(runner(images), InferenceModel(model, runner.precision)(images), rtol=0, atol=0)
+    assert InferenceModel(model, "fp32").choice is None
+    if len(candidates(CPU)) > 1:  # the second choice for the same model and batch is the remembered one
+        assert "timed before" in fastest_inference_mode(model, CPU, 3).reason
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        fastest_inference_mode(model, CPU, 0)
