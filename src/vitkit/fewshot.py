@@ -24,7 +24,7 @@ from vitkit.data.splits import DataSplits, dataset_labels
 from vitkit.inference import InferenceOptions, normalisation
 from vitkit.inference_modes import InferenceModel
 from vitkit.model import ViT, adapt_for_finetune, check_image_size
-from vitkit.runtime import resolve_device
+from vitkit.runtime import Precision, resolve_device
 from vitkit.weights import load_pretrained
 
 
@@ -32,6 +32,9 @@ from vitkit.weights import load_pretrained
 class FewShotOptions(InferenceOptions):
     """Probe the frozen representation of weights (any file vitkit reads) with K images per class."""
 
+    precision: Precision = "fp32"
+    """fp32 (the default: the accuracy bound the other modes are held to is on classifications, not on the
+    features a probe fits); bf16; bf16-mixed; int8 (CPU only); auto (the fastest of them on this machine)."""
     data: str = "fashion-mnist"
     """Dataset name: fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder, synthetic."""
     data_dir: str | None = None

@@ -17,7 +17,7 @@ import torch
 from vitkit.data import eval_transform, load_dataset, load_image
 from vitkit.inference import InferenceOptions, load_for_inference, normalisation
 from vitkit.model import ViT
-from vitkit.runtime import resolve_device
+from vitkit.runtime import Precision, resolve_device
 
 # vitkit.inspect.report.ANALYSES, written out here because importing vitkit.inspect imports matplotlib, which
 # every `vitkit` command line would then pay for; tests/test_inspection.py checks that the two agree.
@@ -32,6 +32,9 @@ Transform = Callable[[torch.Tensor], torch.Tensor]
 class InspectOptions(InferenceOptions):
     """Write figures of what weights learned: patch-embedding filters, position embeddings, attention."""
 
+    precision: Precision = "fp32"
+    """fp32 only: the analyses read the attention weights of the model itself, which the other modes do not
+    expose."""
     data: str = "fashion-mnist"
     """Dataset whose images the attention analyses run on: fashion-mnist, mnist-subset, digits, cifar10, cifar100,
     image-folder, synthetic."""
