@@ -3,6 +3,7 @@ absence is reported rather than fatal."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -93,3 +94,23 @@ def test_each_mode_is_held_to_the_ceiling_of_its_number_format():
         "timm fp32": ("fp32", 0.16), "vitkit bf16": ("bf16", 0.08), "vitkit int8": ("int8", 0.04),
         "onnxruntime int8": ("int8", 0.04)}
     assert speed.matmul_ceiling(torch.int8, n=64, reps=1) > 0
+
+
+def test_with_the_accuracy_bound_only_the_runtime_modes_that_kept_it_count(tmp_path):
+    rows = [{"contender": name, "images_per_s": ips, "ceiling": "int8" if "int8" in name else "bf16"}
+            for name, ips in (("vitkit int8", 48.0), ("openvino bf16", 40.0), ("openvino int8", 67.0))]
+    entry = {"model": "S/16", "batch": 16, "gflops_per_image": 9.2, "rows": rows,
+             "auto": {"precision": "int8", "reason": "timed"}}
+    accuracy = tmp_path / "inference_accuracy.json"
+    accuracy.write_text(json.dumps({"modes": [{"mode": "int8", "meets_goals": True},
+                                              {"mode": "openvino bf16", "meets_goals": True},
+                                              {"mode": "openvino int8", "meets_goals": False}]}))
+    within = set(speed.accuracy_bound(accuracy)["within_bound"])
+    assert within == {"vitkit int8", "openvino bf16"}
+    (free,) = [c for c in speed.runtime_goal_checks(entry, {"int8": 869.0}) if "auto" in c["goal"]]
+    (bound,) = [c for c in speed.runtime_goal_checks(entry, {"int8": 869.0}, within) if "auto" in c["goal"]]
+    assert "0.72x openvino int8" in free["measured"] and not free["met"]
+    assert "1.20x openvino bf16" in bound["measured"] and bound["met"]
+    assert bound["goal"].endswith("within the accuracy bound")
+    with pytest.raises(SystemExit, match="not a results file"):
+        speed.accuracy_bound(tmp_path / "missing.json")
