@@ -8,22 +8,14 @@ import shlex
 import subprocess
 import sys
 from datetime import datetime
-from pathlib import Path
 
 import torch
 
-from vitkit.runtime import cpu_flags
+from vitkit.runtime import cpu_flags, cpu_model_name
 
 
 def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model_name() or "unknown"
     # the instruction sets the bf16 and int8 modes' speed depends on
     wanted = ("avx512f", "avx512_bf16", "amx_bf16", "avx512_vnni", "avx_vnni", "amx_int8")
     isa = [f for f in wanted if f in cpu_flags()]

@@ -56,14 +56,14 @@ def test_bf16_and_vnni_are_read_from_the_cpu_flags(monkeypatch, tmp_path):
             info = tmp_path / "cpuinfo"
             info.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
             monkeypatch.setattr(runtime, "Path", lambda _: real_path(info))
-            runtime.cpu_flags.cache_clear()
+            runtime.cpu_info.cache_clear()
             assert (runtime.cpu_has_native_bf16(), runtime.cpu_has_vnni()) == (bf16, vnni), flags
         monkeypatch.setattr(runtime, "Path", lambda _: real_path(tmp_path / "missing"))
-        runtime.cpu_flags.cache_clear()
+        runtime.cpu_info.cache_clear()
         assert runtime.cpu_flags() == frozenset()
         assert not runtime.cpu_has_native_bf16() and not runtime.cpu_has_vnni()
     finally:
-        runtime.cpu_flags.cache_clear()  # the next caller reads the real CPU again
+        runtime.cpu_info.cache_clear()  # the next caller reads the real CPU again
 
 
 def test_auto_compiles_only_long_runs_with_a_compiler(monkeypatch):

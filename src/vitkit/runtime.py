@@ -31,29 +31,28 @@ TRAINING_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16-mixed")
 
 
 @functools.cache
+def cpu_info() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo, name -> value (empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        name, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(name.strip(), value.strip())
+    return fields
+
+
 def cpu_flags() -> frozenset[str]:
     """The instruction-set flags of this CPU as /proc/cpuinfo lists them (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
+    return frozenset(cpu_info().get("flags", "").split())
 
 
-@functools.cache
 def cpu_model_name() -> str:
     """This CPU's model name as /proc/cpuinfo gives it (empty where it cannot be read)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    for line in text.splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return ""
+    return cpu_info().get("model name", "")
 
 
 def cpu_has_native_bf16() -> bool:
