@@ -26,7 +26,7 @@ from provenance import header_lines, provenance
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
-from vitkit.inference_modes import MODES, InferenceModel
+from vitkit.inference_modes import MODES, InferenceModel, fastest_inference_mode
 
 GOALS = {"agreement_at_least": 0.995, "accuracy_within_points": 0.2}
 BATCH = 500
@@ -101,8 +101,8 @@ def main() -> int:
             reference = predicted
         record["modes"].append(scored(name, predicted, labels, reference, fp32_top1, seconds))
         fp32_top1 = record["modes"][0]["test_top1"]
-    auto = InferenceModel(model, "auto", batch_size=BATCH)
-    record["auto"] = {"precision": auto.precision, "reason": auto.choice.reason}
+    auto = fastest_inference_mode(model, torch.device("cpu"), BATCH)
+    record["auto"] = {"precision": auto.precision, "reason": auto.reason}
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

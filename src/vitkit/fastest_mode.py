@@ -135,5 +135,5 @@ def example_batch(model_config: dict, batch: int, device: torch.device) -> torch
     """A (B, C, H, W) batch of the model's input size to time the modes on (the values do not change the time)."""
     height, width = model_config["img_size"]
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(min(batch, MAX_TIMED_BATCH), model_config["in_chans"], height, width, generator=generator)
+    images = torch.randn(batch, model_config["in_chans"], height, width, generator=generator)
     return images.to(device)

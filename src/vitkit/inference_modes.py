@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import warnings
 from pathlib import Path
 from typing import Callable, Literal
@@ -102,11 +103,12 @@ def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: i
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     config = model.cfg.to_dict()
     batch = min(batch_size, fastest_mode.MAX_TIMED_BATCH)
-    images = fastest_mode.example_batch(config, batch, device)
+    # Made only if the modes are timed: one candidate, or a remembered choice, needs no images.
+    images = functools.cache(lambda: fastest_mode.example_batch(config, batch, device))
 
     def build(precision: str) -> Callable[[], object]:
         runner = InferenceModel(model, precision, compile)
-        return lambda: runner(images)
+        return lambda: runner(images())
 
     key = fastest_mode.timing_key(config, device, batch, compile)
     return fastest_mode.choose(fastest_mode.candidates(device), build, key, cache)
