@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmark_scripts import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
@@ -52,11 +54,7 @@ def test_quick_mode_follows_the_budget_rule_and_resumes(tmp_path):
 
 
 def test_round_down_keeps_four_significant_digits_and_never_rounds_up():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from hybrid_vs_vit import round_down
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    round_down = benchmark_module("hybrid_vs_vit").round_down
     assert round_down(37.98765) == 37.98
     assert round_down(0.00123456) == pytest.approx(0.001234)
     assert round_down(56.0) == 56.0

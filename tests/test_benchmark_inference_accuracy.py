@@ -12,17 +12,13 @@ import pytest
 import torch
 
 import vitkit
+from benchmark_scripts import benchmark_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def benchmark():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import inference_accuracy
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return inference_accuracy
+    return benchmark_module("inference_accuracy")
 
 
 def test_predictions_pad_the_last_batch_to_the_one_shape():

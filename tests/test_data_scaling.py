@@ -11,18 +11,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from benchmark_scripts import benchmark_module
+
 ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 def study():
-    """The benchmark's module (it imports its helpers from benchmarks/)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import data_scaling
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return data_scaling
+    return benchmark_module("data_scaling")
 
 
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make data)")

@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import vitkit
+from benchmark_scripts import benchmark_module
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # speed.py imports provenance from there
-import speed  # noqa: E402
+speed = benchmark_module("speed")
 
 
 def test_onnx_runtime_contenders_give_the_models_logits():
