@@ -41,7 +41,6 @@ training FLOPs at the largest size.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -49,8 +48,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import header_lines, provenance
-from resumable import step, wall_sessions
+from provenance import header_lines, provenance, result_base, write_json
+from resumable import experiment_parser, step, wall_sessions
 
 from vitkit import load_pretrained
 from vitkit.atomic import atomic_write_text
@@ -370,11 +369,8 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="two sizes, one seed, a few dozen steps on small images")
-    parser.add_argument("--work", default="runs/bench-data-scaling",
-                        help="where the runs go (a finished point is not re-run)")
-    parser.add_argument("--out", default="docs/results", help="where the report and the plots go")
+    parser = experiment_parser(__doc__, "two sizes, one seed, a few dozen steps on small images",
+                               "runs/bench-data-scaling")
     parser.add_argument("--steps", type=int, help=f"optimisation steps per point (default {FULL['steps']}; the run "
                         "directories are named by model, size and seed, so use another --work for another count)")
     args = parser.parse_args()
@@ -396,11 +392,10 @@ def main() -> int:
     record["summary"] = summarise(record["runs"], plan["shots"])
     record["gaps"] = [paired_gap(record["runs"], n, RESNET, VIT) for n in (plan["sizes"][0], plan["sizes"][-1])]
     record["findings"] = findings(record)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"data_scaling{'_quick' if args.quick else ''}_{started.strftime('%Y-%m-%d_%H%M')}"
+    base = result_base(args.out, "data_scaling" + ("_quick" if args.quick else ""), started)
+    out_dir, stem = base.parent, base.name
     record["plots"] = plot(record, out_dir, stem)
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    write_json(record, base)
     print(report(record, out_dir, stem).read_text())
     return 0
 

@@ -23,15 +23,13 @@ its last checkpoint. The report goes to docs/results/hybrid_vs_vit_<date>.md and
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import header_lines, provenance
-from resumable import logged_speeds, step, wall_sessions
+from provenance import header_lines, provenance, result_base, write_json
+from resumable import experiment_parser, logged_speeds, step, wall_sessions
 
 MODELS = {"ViT Ti/4": "Ti/4", "hybrid R+Ti/4": "R+Ti/4"}
 RECIPE_EPOCHS = 56.0
@@ -130,10 +128,7 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the same steps on a tiny model, in a minute or two")
-    parser.add_argument("--work", default="runs/bench-hybrid", help="where the runs go (a finished one is not re-run)")
-    parser.add_argument("--out", default="docs/results", help="where the report goes")
+    parser = experiment_parser(__doc__, "the same steps on a tiny model, in a minute or two", "runs/bench-hybrid")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     work = Path(args.work)
@@ -146,10 +141,9 @@ def main() -> int:
                       for label in MODELS}
     record["summary"] = {label: summarise(runs) for label, runs in record["runs"].items()}
     record["goal_met"] = max(s["test_best"] for s in record["summary"].values()) >= GOAL_TOP1
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"hybrid_vs_vit{'_quick' if args.quick else ''}_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(args.out, "hybrid_vs_vit" + ("_quick" if args.quick else ""), started)
+    out_dir, stem = base.parent, base.name
+    write_json(record, base)
     print(report(record, out_dir, stem).read_text())
     return 0
 

@@ -16,13 +16,11 @@ docs/results/inference_accuracy_<date>.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from datetime import datetime, timezone
-from pathlib import Path
 
 import torch
-from provenance import header_lines, provenance
+from provenance import header_lines, provenance, result_base, write_json
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
@@ -104,10 +102,8 @@ def main() -> int:
     auto = fastest_inference_mode(model, torch.device("cpu"), BATCH)
     record["auto"] = {"precision": auto.precision, "reason": auto.reason}
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"inference_accuracy_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(args.out, "inference_accuracy", started)
+    write_json(record, base)
     lines = ["# Accuracy cost of the inference modes", "",
              *header_lines(record),
              f"- weights: {args.weights} ({cfg.name}, {cfg.img_size[0]}x{cfg.img_size[1]}), {args.data} test split "
@@ -120,7 +116,7 @@ def main() -> int:
     for r in record["modes"]:
         lines.append(f"| {r['mode']} | {r['test_top1']:.2f}% | {r['points_vs_fp32']:+.2f} | "
                      f"{100 * r['agreement_with_fp32']:.2f}% | {'yes' if r['meets_goals'] else 'NO'} |")
-    (out / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    base.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
 

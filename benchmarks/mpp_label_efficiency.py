@@ -18,15 +18,13 @@ The report goes to docs/results/mpp_<date>.md and .json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from provenance import header_lines, provenance
-from resumable import logged_speeds, step
+from provenance import header_lines, provenance, result_base, write_json
+from resumable import experiment_parser, logged_speeds, step
 
 
 FULL = {
@@ -147,10 +145,7 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the same steps on a tiny model, in about a minute")
-    parser.add_argument("--work", default="runs/bench-mpp", help="where the runs go (a finished one is not re-run)")
-    parser.add_argument("--out", default="docs/results", help="where the report goes")
+    parser = experiment_parser(__doc__, "the same steps on a tiny model, in about a minute", "runs/bench-mpp")
     args = parser.parse_args()
     plan = QUICK if args.quick else FULL
     work = Path(args.work)
@@ -163,10 +158,9 @@ def main() -> int:
     record["pretrain_val_loss"] = pre.get("val", {}).get("loss", float("nan"))
     record["fine_tuning"] = fine_tuning(plan, work, weights)
     record["few_shot"] = few_shot(plan, work, weights)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"mpp{'_quick' if args.quick else ''}_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(args.out, "mpp" + ("_quick" if args.quick else ""), started)
+    out_dir, stem = base.parent, base.name
+    write_json(record, base)
     print(report(record, out_dir, stem).read_text())
     return 0
 

@@ -20,15 +20,13 @@ The report goes to docs/results/pos_embed_ablation_<date>.md and .json.
 
 from __future__ import annotations
 
-import argparse
-import json
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from provenance import header_lines, provenance
-from resumable import step, wall_sessions
+from provenance import header_lines, provenance, result_base, write_json
+from resumable import experiment_parser, step, wall_sessions
 
 from vitkit import ViT, ViTConfig, load_pretrained
 from vitkit.inspect import pos_embed_grid_correlation
@@ -184,11 +182,7 @@ def report(record: dict, out_dir: Path, stem: str) -> Path:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="the same steps on a tiny model, in a minute or two")
-    parser.add_argument("--work", default="runs/bench-pos-embed",
-                        help="where the runs go (a finished one is not re-run)")
-    parser.add_argument("--out", default="docs/results", help="where the report goes")
+    parser = experiment_parser(__doc__, "the same steps on a tiny model, in a minute or two", "runs/bench-pos-embed")
     parser.add_argument("--epochs", type=float, help=f"epochs per training run (default {FULL['epochs']:g}; "
                         "the run directories are named by kind and seed, so use another --work for another length)")
     args = parser.parse_args()
@@ -204,10 +198,9 @@ def main() -> int:
     shots = plan["shots"][-1]
     record["summary"] = {kind: summarise(runs, shots) for kind, runs in record["runs"].items()}
     record["findings"] = findings(record["summary"], shots)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"pos_embed_ablation{'_quick' if args.quick else ''}_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out_dir / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(args.out, "pos_embed_ablation" + ("_quick" if args.quick else ""), started)
+    out_dir, stem = base.parent, base.name
+    write_json(record, base)
     print(report(record, out_dir, stem).read_text())
     return 0
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import shlex
 import subprocess
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import torch
 
@@ -59,3 +61,16 @@ def header_lines(record: dict) -> list[str]:
     return [f"- command: `{record['command']}`", f"- date: {record['date']}, commit {record['commit']}",
             f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
             f"with {m['torch_threads']} threads"]
+
+
+def result_base(out: str | Path, name: str, started: datetime) -> Path:
+    """OUT/<name>_<YYYY-MM-DD_HHMM> without a suffix, OUT made if missing: the path a run's .json, .md and plots
+    share, stamped with the run's start."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return out / f"{name}_{started.strftime('%Y-%m-%d_%H%M')}"
+
+
+def write_json(record: dict, base: Path) -> None:
+    """`record` as <base>.json, indented for reading."""
+    base.with_suffix(".json").write_text(json.dumps(record, indent=2) + "\n")

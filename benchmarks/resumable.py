@@ -7,6 +7,7 @@ run that was interrupted and resumed reports the time of all its sessions.
 
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import time
@@ -16,6 +17,16 @@ from vitkit.atomic import atomic_write_text
 from vitkit.cli import main as vitkit
 
 WALL_FILE = "wall.json"
+
+
+def experiment_parser(description: str, quick_help: str, work: str) -> argparse.ArgumentParser:
+    """The options of every resumable experiment: --quick (`quick_help` says what it runs), --work (where its run
+    directories go, default `work`) and --out (the report's folder)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--work", default=work, help="where the runs go (a finished one is not re-run)")
+    parser.add_argument("--out", default="docs/results", help="where the report (and any plots) go")
+    return parser
 
 
 def step(args: list[str], out: Path, done_file: str = "results.json") -> dict:

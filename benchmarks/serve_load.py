@@ -16,11 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import json
-import socket
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from datetime import datetime, timezone
@@ -29,29 +25,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
-from provenance import header_lines, provenance
+from live_server import ServerDidNotStart, live_server
+from provenance import header_lines, provenance, result_base, write_json
 
-VITKIT = Path(sys.executable).with_name("vitkit")
-
-
-def start_server(weights: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    process = subprocess.Popen([str(VITKIT), "serve", "--weights", weights, "--port", str(port), "--log_level",
-                                "warning", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vitkit serve exited with {process.returncode}:\n{process.stdout.read()}")
-        try:
-            httpx.get(url + "/healthz", timeout=1.0).raise_for_status()
-            return process, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    process.kill()
-    raise SystemExit("vitkit serve did not answer /healthz within 120 s")
 
 
 def test_images(channels: int, size: list[int], count: int = 16) -> list[bytes]:
@@ -102,17 +78,16 @@ def main() -> int:
     parser.add_argument("serve_args", nargs="*", help="options for `vitkit serve`, after --")
     args = parser.parse_args()
     started = datetime.now(timezone.utc)
-    process, url = start_server(args.weights, args.serve_args)
     try:
-        health = httpx.get(url + "/healthz").json()
-        images = test_images(health["channels"], health["image_size"])
-        httpx.post(url + "/predict", files={"file": ("x.png", images[0], "image/png")}, timeout=60.0)  # warm-up
-        before = httpx.get(url + "/stats").json()
-        latencies, outcomes, seconds = asyncio.run(load(url, images, args.requests, args.concurrency))
-        stats = httpx.get(url + "/stats").json()
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+        with live_server(Path(args.weights), *args.serve_args, startup_s=120.0) as url:
+            health = httpx.get(url + "/healthz").json()
+            images = test_images(health["channels"], health["image_size"])
+            httpx.post(url + "/predict", files={"file": ("x.png", images[0], "image/png")}, timeout=60.0)  # warm-up
+            before = httpx.get(url + "/stats").json()
+            latencies, outcomes, seconds = asyncio.run(load(url, images, args.requests, args.concurrency))
+            stats = httpx.get(url + "/stats").json()
+    except ServerDidNotStart as err:
+        raise SystemExit(str(err)) from None
     sizes = Counter({int(k): v for k, v in stats["batch_sizes"].items()})
     sizes.subtract({int(k): v for k, v in before["batch_sizes"].items()})
     sizes = +sizes  # the load's batches only
@@ -130,11 +105,9 @@ def main() -> int:
         "batch_sizes": {str(k): sizes[k] for k in sorted(sizes)},
         "mean_batch": sum(k * n for k, n in sizes.items()) / max(1, sum(sizes.values())),
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"serve_load_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(report(record))
+    base = result_base(args.out, "serve_load", started)
+    write_json(record, base)
+    base.with_suffix(".md").write_text(report(record))
     print(report(record))
     return 0 if record["failed"] == 0 else 1
 

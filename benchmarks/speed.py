@@ -55,7 +55,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from provenance import header_lines, provenance
+from provenance import header_lines, provenance, result_base, write_json
 
 import vitkit
 from vitkit import allocator
@@ -168,7 +168,7 @@ def _memory_child(spec: str) -> int:
 def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False, with_openvino: bool = False,
                          batch: int = 16, with_auto: bool = True) -> tuple[dict, dict, dict | None]:
     """{name: callable(images) -> logits}, {name: max |logit difference| against the vitkit twin}, and the mode
-    vitkit's `--precision auto` runs at `batch` ({"precision", "reason"}: timed afresh, not read from a cache; None
+    vitkit's `--precision auto` runs at `batch` ({"precision", "median_ms"}: timed afresh, not read from a cache; None
     without `with_auto`).
     OpenVINO's model is made static for `batch`, as a deployer who knows the batch would."""
     import timm
@@ -204,7 +204,7 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     if with_auto:
         with tempfile.TemporaryDirectory(prefix="vitkit-speed-cache-") as cache:
             choice = fastest_inference_mode(model, torch.device("cpu"), batch, cache=Path(cache))
-        auto = {"precision": choice.precision, "reason": choice.reason.split("; remembered")[0]}
+        auto = {"precision": choice.precision, "median_ms": choice.median_ms}
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
@@ -220,6 +220,15 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
             if name.startswith(("vitkit", "onnxruntime", "openvino")) or name == "timm bf16 weights":
                 differences[name] = float((run(x) - reference).abs().max())
     return contenders, differences, auto
+
+
+def describe_auto(auto: dict) -> str:
+    """"int8 (timed: int8 21.40 ms, bf16 30.10 ms)" for the mode `--precision auto` chose, fastest timing first."""
+    timings = auto.get("median_ms")
+    if not timings:
+        return f"{auto['precision']} (by the CPU's features alone)"
+    ordered = sorted(timings.items(), key=lambda item: item[1])
+    return f"{auto['precision']} (timed: {', '.join(f'{mode} {ms:.2f} ms' for mode, ms in ordered)})"
 
 
 def onnx_unavailable() -> str | None:
@@ -469,7 +478,7 @@ def main() -> int:
             rows = _rows(measured, batch, flops, ceiling, differences)
             record["inference"].append({"model": size, "batch": batch, "gflops_per_image": round(flops / 1e9, 3),
                                         "rows": rows, "auto": auto})
-            print(f"vitkit --precision auto at batch {batch}: {auto['precision']} ({auto['reason']})", flush=True)
+            print(f"vitkit --precision auto at batch {batch}: {describe_auto(auto)}", flush=True)
             _print_table(f"inference {size} @224, batch {batch}", rows)
             del contenders
 
@@ -664,9 +673,8 @@ def _print_table(title: str, rows: list[dict]) -> None:
 
 
 def _write(record: dict, out: Path, started: datetime) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"speed_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(out, "speed", started)
+    write_json(record, base)
     lines = ["# CPU speed: vitkit vs timm, HF transformers and vit-pytorch", "",
              *header_lines(record),
              f"- matmul ceiling (2048^3, median): fp32 {record['matmul_gflops']['fp32']} GFLOP/s, "
@@ -688,12 +696,11 @@ def _write(record: dict, out: Path, started: datetime) -> None:
         lines += _table(f"Inference {entry['model']} @224, batch {entry['batch']} "
                         f"({entry['gflops_per_image']} GFLOP/image)", entry["rows"])
         if entry.get("auto"):
-            lines[-1:-1] = [f"vitkit `--precision auto` here: {entry['auto']['precision']} "
-                            f"({entry['auto']['reason']})", ""]
+            lines[-1:-1] = [f"vitkit `--precision auto` here: {describe_auto(entry['auto'])}", ""]
     for entry in record["training"]:
         lines += _table(f"Training step, {entry['shape']}, batch {entry['batch']} "
                         f"({entry['gflops_per_image']} GFLOP/image fwd+bwd)", entry["rows"])
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    base.with_suffix(".md").write_text("\n".join(lines))
 
 
 if __name__ == "__main__":

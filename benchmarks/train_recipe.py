@@ -13,16 +13,20 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from provenance import machine, revision
+import yaml
+from provenance import machine, result_base, revision, write_json
+from resumable import logged_speeds
 
 # Published baselines in Fashion-MNIST's README (the dataset package's benchmark table).
 BASELINES = {"2-conv CNN + BatchNorm (README)": 93.4, "ResNet-like CNN (README)": 94.9}
-GOALS = {"default": (92.5, 30 * 60), "quick": (88.0, 5 * 60)}
+# The goals of the raised performance issue: 92.5% in 15 minutes, and 90% in 5 for the quick preset.
+GOALS = {"default": (92.5, 15 * 60), "quick": (90.0, 5 * 60)}
 
 
 def main() -> int:
@@ -50,6 +54,9 @@ def main() -> int:
         print(f"training failed with exit code {code}", file=sys.stderr)
         return code
     results = json.loads((Path(run_dir) / "results.json").read_text())
+    speeds = logged_speeds(Path(run_dir))
+    batch_size = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())["optim"]["batch_size"]
+    steps_seconds = steps_time(speeds, batch_size)
     top1 = 100 * results["test"]["top1"]
     goal_acc, goal_s = GOALS[args.preset]
     record = {
@@ -64,14 +71,14 @@ def main() -> int:
         "test_top5": round(100 * results["test"]["top5"], 2),
         "val_top1": round(100 * results["val"]["top1"], 2) if "val" in results else None,
         "steps": results["steps"],
+        "step_images_per_s_median": round(statistics.median(ips for _, ips in speeds[1:] or speeds), 1),
+        "seconds_in_steps": round(steps_seconds, 1),
         "goal": {"test_top1_at_least": goal_acc, "wall_seconds_at_most": goal_s,
                  "met": top1 >= goal_acc and seconds <= goal_s},
         "gap_to_baselines_points": {k: round(top1 - v, 2) for k, v in BASELINES.items()},
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"fashion_mnist_{args.preset}_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(args.out, f"fashion_mnist_{args.preset}", started)
+    write_json(record, base)
     m = record["machine"]
     lines = [
         f"# Fashion-MNIST, {args.preset} recipe",
@@ -81,20 +88,34 @@ def main() -> int:
         f"- machine: {m['cpu']}, {m['cores']} cores ({', '.join(m['isa']) or 'no AVX-512'}), torch {m['torch']} "
         f"with {m['torch_threads']} threads, Python {m['python']}",
         "",
-        "| test top-1 | test top-5 | val top-1 | wall time | steps | goal | met |",
-        "|---|---|---|---|---|---|---|",
+        "| test top-1 | test top-5 | val top-1 | wall time | of it in steps | steps | step images/s (median) | goal "
+        "| met |",
+        "|---|---|---|---|---|---|---|---|---|",
         f"| {record['test_top1']:.2f}% | {record['test_top5']:.2f}% | "
         f"{record['val_top1'] if record['val_top1'] is not None else '-'}% | {seconds / 60:.1f} min | "
-        f"{record['steps']} | >= {goal_acc}% in <= {goal_s // 60} min | {'yes' if record['goal']['met'] else 'NO'} |",
+        f"{steps_seconds / 60:.1f} min | {record['steps']} | {record['step_images_per_s_median']:.0f} | "
+        f">= {goal_acc}% in <= {goal_s // 60} min | {'yes' if record['goal']['met'] else 'NO'} |",
+        "",
+        "The steps' time is the logged windows' images over their images/s (the first window holds compilation); the "
+        "rest of the wall time is loading, evaluation, checkpoints and the report.",
         "",
         "Distance to the CNN baselines listed in the dataset's README:",
         "",
         *[f"- {name}: {v:.1f}% -> {record['test_top1'] - v:+.2f} points" for name, v in BASELINES.items()],
         "",
     ]
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    base.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
+
+
+def steps_time(speeds: list[tuple[int, float]], batch_size: int) -> float:
+    """Seconds spent in training steps: each logged window's images over its images/s."""
+    seconds, previous = 0.0, 0
+    for step, images_per_s in speeds:
+        seconds += (step - previous) * batch_size / images_per_s
+        previous = step
+    return seconds
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import yaml
-from provenance import machine, revision
+from provenance import machine, result_base, revision, write_json
 
 from vitkit.fewshot import FewShotOptions, few_shot_eval
 from vitkit.train.sweep import finetune_sweep
@@ -214,8 +214,10 @@ def main() -> int:
         ft, sc, hi = summary(finetuned), summary(scratch), summary(high)
         record["targets"][dataset] = {
             "resolution": size,
-            "finetune": {"lr": ft_best.lr, **ft, "sweep_val_top1": {r.lr: round(100 * r.val_top1, 2) for r in ft_sweep}},
-            "scratch": {"lr": sc_best.lr, **sc, "sweep_val_top1": {r.lr: round(100 * r.val_top1, 2) for r in sc_sweep}},
+            "finetune": {"lr": ft_best.lr, **ft,
+                         "sweep_val_top1": {r.lr: round(100 * r.val_top1, 2) for r in ft_sweep}},
+            "scratch": {"lr": sc_best.lr, **sc,
+                        "sweep_val_top1": {r.lr: round(100 * r.val_top1, 2) for r in sc_sweep}},
             f"finetune_{HIGH_RESOLUTION}px": {"lr": ft_best.lr, **hi},
             "gain_points": round(ft["mean"] - sc["mean"], 2),
             "high_resolution_minus_same_points": round(hi["mean"] - ft["mean"], 2),
@@ -236,9 +238,8 @@ def main() -> int:
 
 
 def write_report(record: dict, out: Path, started: datetime) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"transfer_{started.strftime('%Y-%m-%d_%H%M')}"
-    (out / f"{stem}.json").write_text(json.dumps(record, indent=2) + "\n")
+    base = result_base(out, "transfer", started)
+    write_json(record, base)
     m, pre, arch = record["machine"], record["pretraining"], record["architecture"]
     model_flags = (f"--model.name {arch['name']} --model.width {arch['width']} --model.depth {arch['depth']} "
                    f"--model.heads {arch['heads']} --model.mlp_dim {arch['mlp_dim']}")
@@ -272,26 +273,30 @@ def write_report(record: dict, out: Path, started: datetime) -> None:
     if "acceptance" in record:
         a = record["acceptance"]
         lines += ["", "Acceptance (MNIST subset):", "",
-                  f"- fine-tuned beats from scratch by >= 2 points: {'yes' if a['finetune_beats_scratch_by_2_points'] else 'NO'}",
+                  "- fine-tuned beats from scratch by >= 2 points: "
+                  f"{'yes' if a['finetune_beats_scratch_by_2_points'] else 'NO'}",
                   f"- fine-tune at {HIGH_RESOLUTION} px no worse than at 28 px by more than 0.5 points: "
                   f"{'yes' if a['high_resolution_within_0.5_points'] else 'NO'}",
-                  f"- 10-shot: pretrained minus random init = {a['fewshot_pretrained_minus_random_points']:+.2f} points"]
+                  "- 10-shot: pretrained minus random init = "
+                  f"{a['fewshot_pretrained_minus_random_points']:+.2f} points"]
     weights = pre["weights"]
     lines += ["", "The same runs from the command line (seed 0; `--run.seed N` for the others):", "", "```",
               (f"vitkit train {model_flags} --data.val_size 0 --optim.batch_size 128 --optim.epochs "
                f"{pre.get('epochs', 10):g} --run.out runs/transfer/pretrain" if not pre.get("reused")
                else f"(pretraining: the run that wrote {weights}; see its config.yaml)"),
               f"vitkit finetune --weights {weights} --data mnist-subset --data.crop pad "
-              f"--optim.epochs {record['epochs_on_target']:g} --sweep [{','.join(f'{x:g}' for x in FINETUNE_LR_SWEEP)}] "
+              f"--optim.epochs {record['epochs_on_target']:g} "
+              f"--sweep [{','.join(f'{x:g}' for x in FINETUNE_LR_SWEEP)}] "
               "--run.out runs/transfer/mnist-subset/finetune",
-              f"vitkit finetune --weights {weights} --data mnist-subset --data.crop pad --resolution {HIGH_RESOLUTION} "
-              f"--optim.epochs {record['epochs_on_target']:g} --run.out runs/transfer/mnist-subset/finetune{HIGH_RESOLUTION}",
+              f"vitkit finetune --weights {weights} --data mnist-subset --data.crop pad "
+              f"--resolution {HIGH_RESOLUTION} --optim.epochs {record['epochs_on_target']:g} "
+              f"--run.out runs/transfer/mnist-subset/finetune{HIGH_RESOLUTION}",
               f"vitkit train {model_flags} "
               f"--data mnist-subset --data.crop pad --data.flip false --optim.epochs {record['epochs_on_target']:g} "
               "--optim.warmup 0.05 --optim.lr 0.001 --run.out runs/transfer/mnist-subset/scratch",
               f"vitkit fewshot --weights {weights} --data mnist-subset --shots 10 [--random_init true]",
               "```", ""]
-    (out / f"{stem}.md").write_text("\n".join(lines))
+    base.with_suffix(".md").write_text("\n".join(lines))
     print("\n".join(lines))
 
 

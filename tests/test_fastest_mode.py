@@ -39,7 +39,7 @@ def test_one_candidate_is_chosen_without_timing(tmp_path):
     def build(mode):
         raise AssertionError("nothing to time")
     choice = choose(("fp32",), build, KEY, tmp_path)
-    assert choice.precision == "fp32" and not (tmp_path / CACHE_FILE).exists()
+    assert choice.precision == "fp32" and choice.median_ms is None and not (tmp_path / CACHE_FILE).exists()
 
 
 def test_the_faster_mode_is_chosen_remembered_and_reused(tmp_path):
@@ -48,12 +48,12 @@ def test_the_faster_mode_is_chosen_remembered_and_reused(tmp_path):
     assert first.precision == "int8" and sorted(built) == ["bf16", "int8"] and "timed now at batch 4" in first.reason
     (entry,) = json.loads((tmp_path / CACHE_FILE).read_text()).values()
     assert entry["precision"] == "int8" and entry["key"] == KEY
-    assert entry["median_ms"]["bf16"] >= 20 > entry["median_ms"]["int8"]
+    assert entry["median_ms"]["bf16"] >= 20 > entry["median_ms"]["int8"] and first.median_ms == entry["median_ms"]
 
     def build(mode):
         raise AssertionError("a remembered choice is not timed again")
     again = choose(("bf16", "int8"), build, KEY, tmp_path)
-    assert again.precision == "int8" and "timed before" in again.reason
+    assert again.precision == "int8" and "timed before" in again.reason and again.median_ms == entry["median_ms"]
     # another key (here another batch) is timed on its own, and kept beside the first
     other = choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, built), {**KEY, "batch": 1}, tmp_path)
     assert other.precision == "bf16" and len(json.loads((tmp_path / CACHE_FILE).read_text())) == 2

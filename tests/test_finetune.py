@@ -216,7 +216,8 @@ def test_finetune_short_options_and_paper_defaults():
     cfg = parser.instantiate(parser.parse_args(argv)).finetune
     assert (cfg.init.weights, cfg.data.dataset, cfg.data.image_size, cfg.init.freeze) == (
         "w.safetensors", "digits", 28, True)
-    assert (cfg.optim.optimizer, cfg.optim.momentum, cfg.optim.weight_decay, cfg.optim.clip_grad) == ("sgd", 0.9, 0.0, 1.0)
+    optim = cfg.optim
+    assert (optim.optimizer, optim.momentum, optim.weight_decay, optim.clip_grad) == ("sgd", 0.9, 0.0, 1.0)
     assert cfg.optim.schedule == "cosine" and 0 < cfg.optim.warmup < 1
     assert cfg.model.name is None and cfg.model.width is None  # the architecture is the weights'
 

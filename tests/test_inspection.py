@@ -150,8 +150,8 @@ def test_evenly_spaced_indices():
 def test_inspect_help_lists_the_options():
     done = subprocess.run([str(VITKIT), "inspect", "--help"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    for text in ("usage: vitkit [options] inspect", "--weights", "--images", "--analyses", "--count", "--out", "--split",
-                 "attention_distance"):
+    for text in ("usage: vitkit [options] inspect", "--weights", "--images", "--analyses", "--count", "--out",
+                 "--split", "attention_distance"):
         assert text in done.stdout, text
 
 

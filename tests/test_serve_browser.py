@@ -21,10 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from live_server import live_server
 from PIL import Image
 
 import vitkit
+from benchmark_scripts import benchmark_module
+
+live_server = benchmark_module("live_server").live_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

@@ -68,7 +68,7 @@ def test_a_missing_onnx_package_is_named(monkeypatch):
 def test_the_raised_goals_compare_auto_and_fp32_with_the_fastest_runtime_and_the_ceiling():
     def row(name, images_per_s, ceiling):
         return {"contender": name, "images_per_s": images_per_s, "ceiling": ceiling}
-    entry = {"model": "S/16", "batch": 16, "gflops_per_image": 10.0, "auto": {"precision": "int8", "reason": "timed"},
+    entry = {"model": "S/16", "batch": 16, "gflops_per_image": 10.0, "auto": {"precision": "int8", "median_ms": None},
              "rows": [row("timm fp32", 10.0, "fp32"), row("vitkit fp32", 21.0, "fp32"),
                       row("vitkit bf16", 30.0, "bf16"), row("vitkit int8", 48.0, "int8"),
                       row("onnxruntime fp32", 17.0, "fp32"), row("openvino fp32", 20.0, "fp32"),
@@ -80,9 +80,15 @@ def test_the_raised_goals_compare_auto_and_fp32_with_the_fastest_runtime_and_the
     assert fp32["met"] and "1.05x openvino fp32" in fp32["measured"]
     ceiling = checks["fastest vitkit mode >= 75% of its matmul ceiling (bf16 or int8)"]
     assert ceiling["met"] and "vitkit int8: 80.0% of the int8 ceiling" in ceiling["measured"]  # 10 x 48 / 600
-    entry["auto"] = {"precision": "bf16", "reason": "timed"}
+    entry["auto"] = {"precision": "bf16", "median_ms": None}
     assert not {c["goal"]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}[
         "S/16 @224 batch 16: vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode"]["met"]  # 30 / 40
+
+
+def test_autos_choice_is_reported_with_its_timings_fastest_first():
+    timed = {"precision": "int8", "median_ms": {"bf16": 30.1, "int8": 21.4}}
+    assert speed.describe_auto(timed) == "int8 (timed: int8 21.40 ms, bf16 30.10 ms)"
+    assert speed.describe_auto({"precision": "fp32", "median_ms": None}) == "fp32 (by the CPU's features alone)"
 
 
 def test_each_mode_is_held_to_the_ceiling_of_its_number_format():
@@ -99,7 +105,7 @@ def test_with_the_accuracy_bound_only_the_runtime_modes_that_kept_it_count(tmp_p
     rows = [{"contender": name, "images_per_s": ips, "ceiling": "int8" if "int8" in name else "bf16"}
             for name, ips in (("vitkit int8", 48.0), ("openvino bf16", 40.0), ("openvino int8", 67.0))]
     entry = {"model": "S/16", "batch": 16, "gflops_per_image": 9.2, "rows": rows,
-             "auto": {"precision": "int8", "reason": "timed"}}
+             "auto": {"precision": "int8", "median_ms": None}}
     accuracy = tmp_path / "inference_accuracy.json"
     accuracy.write_text(json.dumps({"modes": [{"mode": "int8", "meets_goals": True},
                                               {"mode": "openvino bf16", "meets_goals": True},

@@ -239,9 +239,9 @@ def build_parser() -> ArgumentParser:
     # The dataclass fields' docstrings are the options' help texts.
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
     parser = ArgumentParser(prog="vitkit", exit_on_error=True,
-                            description="Vision Transformers (Dosovitskiy et al., 2020): train, pretrain, fine-tune, "
-                            "evaluate, predict, inspect, export and serve. Run `vitkit <command> --help` for a command's "
-                            "options.")
+                            description="Vision Transformers (Dosovitskiy et al., 2020): train, pretrain, "
+                            "fine-tune, evaluate, predict, inspect, export and serve. Run `vitkit <command> --help` "
+                            "for a command's options.")
     commands = parser.add_subcommands(dest="command", required=True)
     for name, command in COMMANDS.items():
         commands.add_subcommand(name, _command_parser(name, command), help=command.function.__doc__)

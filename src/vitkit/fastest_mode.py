@@ -47,6 +47,8 @@ class ModeChoice:
 
     precision: str
     reason: str
+    median_ms: dict[str, float] | None = None
+    """Each timed mode's median time per batch (None when the features alone decided)."""
 
 
 def cache_dir() -> Path:
@@ -90,7 +92,8 @@ def choose(options: tuple[str, ...], build: Callable[[str], Callable[[], object]
     entry_key = json.dumps(key, sort_keys=True)
     cached = entries.get(entry_key)
     if cached and cached.get("precision") in options:
-        return ModeChoice(cached["precision"], f"timed before at batch {key['batch']}: {_timings(cached)} ({path})")
+        return ModeChoice(cached["precision"], f"timed before at batch {key['batch']}: {_timings(cached)} ({path})",
+                          cached.get("median_ms"))
     runs = {mode: build(mode) for mode in options}
     seconds: dict[str, list[float]] = {mode: [] for mode in options}
     for round_ in range(TIMED_ROUNDS + 1):
@@ -109,7 +112,7 @@ def choose(options: tuple[str, ...], build: Callable[[str], Callable[[], object]
         where = f"remembered in {path}"
     except OSError as err:
         where = f"not remembered: {path} could not be written ({err.strerror or err})"
-    return ModeChoice(fastest, f"timed now at batch {key['batch']}: {_timings(entry)}; {where}")
+    return ModeChoice(fastest, f"timed now at batch {key['batch']}: {_timings(entry)}; {where}", entry["median_ms"])
 
 
 def _timings(entry: dict) -> str:

@@ -129,7 +129,8 @@ def _stored_config(metadata: dict[str, str], origin: str) -> ViTConfig:
     try:
         stored = json.loads(metadata[CONFIG_KEY])
     except ValueError as err:
-        raise WeightsError(f"{origin}: the stored {CONFIG_KEY!r} is not valid JSON ({err}); the file is corrupt") from err
+        message = f"{origin}: the stored {CONFIG_KEY!r} is not valid JSON ({err}); the file is corrupt"
+        raise WeightsError(message) from err
     if isinstance(stored, dict) and stored.get("architecture") == RESNET:
         raise WeightsError(
             f"{origin} holds the ResNet-18 baseline (a `vitkit train --model.name {RESNET}` run), not a ViT: the "

@@ -1,4 +1,5 @@
-"""`vitkit serve` as a real process on a free loopback port, for tests that talk to it over HTTP."""
+"""`vitkit serve` as a real process on a free loopback port, for the load benchmark and the tests that talk to it
+over HTTP."""
 
 from __future__ import annotations
 
@@ -13,6 +14,10 @@ from pathlib import Path
 import httpx
 
 VITKIT = Path(sys.executable).with_name("vitkit")
+
+
+class ServerDidNotStart(RuntimeError):
+    """`vitkit serve` exited, or did not answer /healthz in time; the message holds its output or the wait."""
 
 
 def free_port() -> int:
@@ -33,14 +38,14 @@ def live_server(weights: Path, *args: str, startup_s: float = 60.0) -> Iterator[
         deadline = time.monotonic() + startup_s
         while True:
             if process.poll() is not None:
-                raise RuntimeError(f"vitkit serve exited with {process.returncode}: {process.stdout.read()}")
+                raise ServerDidNotStart(f"vitkit serve exited with {process.returncode}:\n{process.stdout.read()}")
             try:
                 if httpx.get(url + "/healthz", timeout=1.0).status_code == 200:
                     break
             except httpx.TransportError:
                 pass
             if time.monotonic() > deadline:
-                raise RuntimeError(f"vitkit serve did not answer /healthz within {startup_s} s")
+                raise ServerDidNotStart(f"vitkit serve did not answer /healthz within {startup_s} s")
             time.sleep(0.2)
         yield url
     finally:
