@@ -6,7 +6,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vitkit.data import batch_mixer, eval_transform, train_transform
+from vitkit.data import (
+    ImageTensorDataset,
+    Normalised,
+    Transformed,
+    batch_mixer,
+    eval_transform,
+    evaluation_set,
+    train_transform,
+)
 
 MEAN3, STD3 = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -33,6 +41,20 @@ def test_eval_transform_resizes_to_the_requested_size():
     out = eval_transform((0.1,), (0.5,), (14, 10))(constant)
     assert out.shape == (1, 14, 10)
     torch.testing.assert_close(out, torch.full((1, 14, 10), (51 / 255 - 0.1) / 0.5))
+
+
+@pytest.mark.parametrize("channels, mean, std", [(3, MEAN3, STD3), (1, (0.2860,), (0.3530,))])
+def test_an_in_memory_split_is_normalised_once_to_the_bit_of_the_per_image_transform(channels, mean, std):
+    images = torch.randint(0, 256, (37, channels, 9, 7), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    split = ImageTensorDataset(images, torch.arange(37) % 5)
+    prepared = evaluation_set(split, mean, std, (9, 7))
+    per_image = Transformed(split, eval_transform(mean, std, (9, 7)))
+    assert isinstance(prepared, Normalised) and len(prepared) == len(per_image) == 37
+    for i in range(37):
+        (a, label_a), (b, label_b) = prepared[i], per_image[i]
+        assert torch.equal(a, b) and label_a == label_b and isinstance(label_a, int)
+    # another size, or a split read from files, is transformed as it is read
+    assert isinstance(evaluation_set(split, mean, std, (12, 12)), Transformed)
 
 
 def test_eval_transform_refuses_float_input():

@@ -198,7 +198,8 @@ def test_every_recipe_parses(recipe):
 def test_default_recipe_file_equals_the_defaults():
     ns = build_parser().parse_args(["train", "--config", str(presets_dir() / "fashion_mnist.yaml")])
     init = build_parser().instantiate(ns).train
-    assert TrainConfig(model=init.model, init=init.init, data=init.data, optim=init.optim, run=init.run) == TrainConfig()
+    rebuilt = TrainConfig(model=init.model, init=init.init, data=init.data, optim=init.optim, run=init.run)
+    assert rebuilt == TrainConfig()
 
 
 def test_presets_include_quick():
@@ -345,6 +346,28 @@ def test_validation_runs_every_eval_every_epochs_and_after_the_last_step(tmp_pat
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["epoch"]) for r in records if "val/top1" in r] == evaluated_epochs
     assert result.val is not None and (tmp_path / "run" / "best.safetensors").exists()
+
+
+def test_the_logged_speed_counts_the_steps_not_evaluation(tmp_path, monkeypatch):
+    """Each evaluation here takes 1000 s of a fake clock; the one logging window spans two of them."""
+    import vitkit.train.trainer as trainer
+    from vitkit.train.objective import Classification
+
+    skipped = [0.0]
+    real_clock, real_evaluate = trainer.time.perf_counter, Classification.evaluate
+    monkeypatch.setattr(trainer.time, "perf_counter", lambda: real_clock() + skipped[0])
+
+    def slow_evaluate(self, *args):
+        skipped[0] += 1000.0
+        return real_evaluate(self, *args)
+    monkeypatch.setattr(Classification, "evaluate", slow_evaluate)
+    cfg = tiny_config(tmp_path / "run", epochs=3)
+    cfg.run.log_every = 10_000  # one window: from the start to the last step, over two epochs' ends
+    train(cfg)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    (window,) = [r for r in records if "train/images_per_s" in r]
+    steps_seconds = window["step"] * cfg.optim.batch_size / window["train/images_per_s"]
+    assert skipped[0] == 3000.0 and steps_seconds < 1000.0
 
 
 def test_a_negative_eval_every_is_refused(tmp_path):

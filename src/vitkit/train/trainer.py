@@ -20,12 +20,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from vitkit import crash_points
 from vitkit.atomic import atomic_write_text
-from vitkit.data import Transformed, batch_mixer, collate_skip_none, eval_transform, load_dataset, train_transform
+from vitkit.data import batch_mixer, collate_skip_none, evaluation_set, load_dataset, train_transform
 from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.splits import training_subset
 from vitkit.plots import plot_curves
@@ -83,8 +83,8 @@ class Run:
     ema: AveragedModel | None
     train_set: SeededAugment
     fast_augment: BatchAugment | None
-    val_set: Transformed
-    test_set: Transformed
+    val_set: Dataset
+    test_set: Dataset
     metadata: dict[str, str]
     total_steps: int
     steps_per_epoch: int
@@ -248,14 +248,13 @@ def _datasets(cfg: TrainConfig, data, image_size: tuple[int, int]):
     d = cfg.data
     augment = train_transform(data.mean, data.std, image_size, crop=d.crop, pad=d.pad, flip=d.flip,
                               randaugment=d.randaugment, random_erasing=d.random_erasing)
-    evaluation = eval_transform(data.mean, data.std, image_size)
     # In-memory datasets with the plain crop/flip augmentation take the batched path (same distribution).
     fast_augment = None
     if (hasattr(data.train, "images") and d.crop in ("pad", "none") and not d.randaugment
             and not d.random_erasing and tuple(data.train.images.shape[-2:]) == tuple(image_size)):
         fast_augment = BatchAugment(data.mean, data.std, pad=d.pad if d.crop == "pad" else 0, flip=d.flip)
-    return (SeededAugment(data.train, augment), fast_augment, Transformed(data.val, evaluation),
-            Transformed(data.test, evaluation))
+    return (SeededAugment(data.train, augment), fast_augment, evaluation_set(data.val, data.mean, data.std, image_size),
+            evaluation_set(data.test, data.mean, data.std, image_size))
 
 
 def _optimisation(cfg, ctx, device, precision, objective, data, model, train_set, fast_augment, val_set,
@@ -333,7 +332,10 @@ def _train_epoch(run: Run) -> None:
         sums = train_step(run, batch[0], batch[1])
         _log_step(run, sums)
         if p.batch >= run.steps_per_epoch or p.step == run.stop_at or p.step % run.cfg.run.checkpoint_every == 0:
+            started = time.perf_counter()
             _end_of_period(run)
+            # The logged images/s are the steps' own: evaluation and checkpoints do not count against the window.
+            run.window_start += time.perf_counter() - started
         if p.step >= run.stop_at:
             return
     if p.batch >= run.steps_per_epoch:  # the epoch ended on batches that were all skipped
