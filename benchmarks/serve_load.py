@@ -29,7 +29,6 @@ from live_server import ServerDidNotStart, live_server
 from provenance import header_lines, provenance, result_base, write_json
 
 
-
 def test_images(channels: int, size: list[int], count: int = 16) -> list[bytes]:
     rng = np.random.default_rng(0)
     shape = (*size, channels) if channels == 3 else tuple(size)

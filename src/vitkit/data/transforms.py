@@ -138,8 +138,8 @@ class Normalised(Dataset):
     """An in-memory dataset's images normalised once, as one tensor: for the evaluation that training repeats.
 
     Item i equals `Transformed(base, eval_transform(mean, std, size))[i]` to the bit when the images are already at
-    the evaluation size (the same x / 255, then (x - mean) / std, over the whole tensor at once). Per image, the
-    transforms cost about as much as the model's forward on 28 px images.
+    the evaluation size (the same x / 255, then (x - mean) / std, over the whole tensor at once). Done per image at
+    every evaluation, the transforms were a tenth of its time for the default Fashion-MNIST model.
     """
 
     def __init__(self, base: ImageTensorDataset, mean: Sequence[float], std: Sequence[float]):
