@@ -202,6 +202,34 @@ def test_recomputed_attention_gives_the_explicit_matmuls_outputs_and_gradients(d
     assert torch.autograd.gradcheck(lambda a, b, c: _RecomputedAttention.apply(a, b, c, 0.3), small)
 
 
+def test_bf16_cpu_attention_keeps_small_probabilities_and_recomputes_large_ones(monkeypatch):
+    # Both paths are the same arithmetic: the outputs and gradients of a bf16 layer agree to the bit whether
+    # autograd keeps the probabilities (small) or backward recomputes them (over KEPT_PROBABILITIES_MAX).
+    from vitkit.model import vit
+
+    torch.manual_seed(0)
+    layer = vit.Attention(64, 4).to(torch.bfloat16)
+    x = torch.randn(3, 20, 64, dtype=torch.bfloat16)
+    recomputed = []
+    apply = vit._RecomputedAttention.apply
+    monkeypatch.setattr(vit._RecomputedAttention, "apply", lambda *a: recomputed.append(1) or apply(*a))
+
+    def run():
+        inputs = x.clone().requires_grad_()
+        out = layer(inputs)[0]
+        out.backward(torch.ones_like(out))
+        return [out.detach(), inputs.grad, *(p.grad.clone() for p in layer.parameters())]
+
+    kept = run()
+    assert recomputed == []  # 3 x 4 x 20 x 20 values are far under the limit
+    layer.zero_grad()
+    monkeypatch.setattr(vit, "KEPT_PROBABILITIES_MAX", 3 * 4 * 20 * 20 - 1)
+    again = run()
+    assert recomputed == [1]
+    for a, b in zip(kept, again):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
 def test_every_parameter_gets_a_gradient_and_checkpointing_changes_nothing():
     model = tiny_model(drop_path=0.0).train()
     x = torch.randn(2, 3, 32, 32)
