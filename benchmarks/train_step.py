@@ -55,6 +55,7 @@ def attention_recomputed(recompute: bool):
 
 
 def contender(name: str, model_name: str, patch_dropout: float, precision: str):
+    """(model, step): a fresh model (the same for every contender) and a step of it as `name` ran it."""
     torch.manual_seed(0)
     model = create_model(model_name, width=128, depth=4, heads=4, mlp_dim=256, num_classes=10, in_chans=1,
                          img_size=(28, 28), patch_dropout=patch_dropout)
@@ -79,7 +80,7 @@ def contender(name: str, model_name: str, patch_dropout: float, precision: str):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return step
+    return model, step
 
 
 def main() -> int:
@@ -98,7 +99,7 @@ def main() -> int:
              f"- batch {BATCH}, {precision} precision, eager, {args.reps} interleaved rounds (5 warm-up), medians",
              ""]
     for shape, (model_name, patch_dropout) in SHAPES.items():
-        steps = {name: contender(name, model_name, patch_dropout, precision) for name in CONTENDERS}
+        steps = {name: contender(name, model_name, patch_dropout, precision)[1] for name in CONTENDERS}
         times = {name: [] for name in CONTENDERS}
         for _ in range(args.reps):
             for name, step in steps.items():

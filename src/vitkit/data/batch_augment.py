@@ -27,7 +27,9 @@ class BatchAugment:
         self.pad = pad
         self.flip = flip
 
-    def __call__(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The batch augmented with `generator`'s draws (None: torch's global generator; without padding and
+        flips nothing is drawn)."""
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f"expected a uint8 (B, C, H, W) batch, got {images.dtype} {tuple(images.shape)}")
         b, c, h, w = images.shape

@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from torchvision.transforms import v2
 
+from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.size import hw
 from vitkit.data.tensor_dataset import ImageTensorDataset
 
@@ -144,10 +145,9 @@ class Normalised(Dataset):
 
     def __init__(self, base: ImageTensorDataset, mean: Sequence[float], std: Sequence[float]):
         _normalise(mean, std)  # the same checks of the statistics
-        channels = (1, -1, 1, 1)
-        mean_t = torch.tensor([float(m) for m in mean], dtype=torch.float32).view(channels)
-        std_t = torch.tensor([float(s) for s in std], dtype=torch.float32).view(channels)
-        self.images = (to_unit_float(base.images) - mean_t) / std_t  # (N, C, H, W) float32
+        # The batch augmentation without padding or flips is exactly that normalisation, over the whole tensor.
+        normalise = BatchAugment(tuple(float(m) for m in mean), tuple(float(s) for s in std))
+        self.images = normalise(base.images, generator=None)  # (N, C, H, W) float32
         self.labels = base.labels
 
     def __len__(self) -> int:
