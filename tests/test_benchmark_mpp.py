@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+# 26-28 s, of a default suite that reached 591 s on a slower machine: `make test-slow` runs it.
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make data)")
 def test_quick_mode_writes_its_report_and_resumes(tmp_path):
     command = [sys.executable, str(ROOT / "benchmarks" / "mpp_label_efficiency.py"), "--quick",

