@@ -338,6 +338,26 @@ def test_patch_dropout_keeps_the_patches_of_lowest_given_noise():
         model(images, patch_noise=noise[:, :8])
 
 
+def test_a_per_call_patch_dropout_rate_replaces_the_configs_while_training():
+    torch.manual_seed(0)
+    model = create_model("Ti/4", img_size=16, in_chans=1, num_classes=3, depth=1, patch_dropout=0.25).train()
+    torch.nn.init.normal_(model.head.weight, std=0.1)
+    images = torch.randn(3, 1, 16, 16)
+    noise = torch.stack([torch.randperm(16).float() for _ in range(3)])  # (3, 16)
+    seen = []
+    model.blocks[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        own = model(images, patch_noise=noise)
+        same = model(images, patch_noise=noise, patch_dropout=0.25)
+        half = model(images, patch_noise=noise, patch_dropout=0.5)
+        none = model(images, patch_noise=noise, patch_dropout=0.0)
+        model.eval()
+        evaluated = model(images, patch_dropout=0.5)  # evaluation sees every token whatever the rate
+    assert seen == [1 + 12, 1 + 12, 1 + 8, 1 + 16, 1 + 16]
+    assert torch.equal(own, same) and not torch.allclose(own, half)
+    assert torch.equal(none, evaluated)  # rate 0 while training is the whole-image forward
+
+
 def test_patch_dropout_rate_is_checked():
     with pytest.raises(ValueError, match="patch_dropout must be in"):
         ViTConfig(img_size=16, patch_size=4, patch_dropout=1.0)

@@ -375,3 +375,81 @@ def test_a_negative_eval_every_is_refused(tmp_path):
     cfg.run.eval_every = -1
     with pytest.raises(ValueError, match="--run.eval_every must be 0 .* got -1"):
         train(cfg)
+
+
+def test_patch_dropout_phases_pick_the_rate_of_each_step():
+    from vitkit.train.optim import patch_dropout_at
+
+    phases = [(0.5, 0.75), (0.9, 0.5), (1.0, 0.0)]
+    rates = [patch_dropout_at(phases, step, 20) for step in range(20)]
+    assert rates == [0.75] * 10 + [0.5] * 8 + [0.0] * 2
+
+
+@pytest.mark.parametrize("phases,message", [
+    ([], "is empty"),
+    ([(0.5, 0.5)], "the last must be 1"),
+    ([(0.6, 0.5), (0.4, 0.2), (1.0, 0.0)], "the ends must rise"),
+    ([(0.0, 0.5), (1.0, 0.0)], r"in \(0, 1\]"),
+    ([(1.0, 1.0)], r"every rate must be in \[0, 1\)"),
+])
+def test_bad_patch_dropout_phases_are_refused_naming_them(tmp_path, phases, message):
+    cfg = tiny_config(tmp_path / "run", patch_dropout_phases=phases)
+    with pytest.raises(ValueError, match=message):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_patch_dropout_phases_need_the_models_patch_dropout_on(tmp_path):
+    cfg = tiny_config(tmp_path / "run", patch_dropout_phases=[(1.0, 0.5)])
+    cfg.model.patch_dropout = 0.0
+    with pytest.raises(ValueError, match="--model.patch_dropout 0.0 turns off"):
+        train(cfg)
+
+
+def test_patch_dropout_phases_set_each_steps_token_count_and_resume_bit_exactly(tmp_path, monkeypatch):
+    """The tiny model sees 16 patches: 4 of them in the first half (rate 0.75), all 16 in the second (rate 0); the
+    logged rate follows, and a run stopped in the first phase and resumed in the second ends bit-identical."""
+    from vitkit.model import vit
+
+    tokens = []
+    original = vit.ViT._run_blocks
+
+    def spy(self, x, *args, **kwargs):
+        if self.training:
+            tokens.append(x.shape[1])
+        return original(self, x, *args, **kwargs)
+
+    monkeypatch.setattr(vit.ViT, "_run_blocks", spy)
+
+    def config(out: Path) -> TrainConfig:
+        cfg = tiny_config(out, epochs=1, patch_dropout_phases=[(0.5, 0.75), (1.0, 0.0)])
+        cfg.run.log_every = 1
+        return cfg
+
+    train(config(tmp_path / "whole"))
+    assert tokens == [1 + 4] * 14 + [1 + 16] * 14  # 28 steps of one epoch, split at the half
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["train/patch_dropout"] for r in records if "train/loss" in r] == [0.75] * 14 + [0.0] * 14
+
+    part = config(tmp_path / "part")
+    part.run.max_steps = 10
+    train(part)
+    part.run.max_steps, part.run.resume = None, True
+    train(part)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
+
+
+def test_patch_dropout_phases_from_the_command_line(tmp_path, capsys):
+    out = tmp_path / "run"
+    common = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "1", "--model.heads",
+              "2", "--model.mlp_dim", "64", "--optim.epochs", "1", "--optim.batch_size", "100", "--run.progress",
+              "false", "--run.tensorboard", "false", "--run.out", str(out)]
+    assert main([*common, "--optim.patch_dropout_phases", "[[0.5,0.75],[0.8,0.5]]"]) == 2
+    assert "--optim.patch_dropout_phases [[0.5, 0.75], [0.8, 0.5]]: the ends must rise" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*common, "--optim.patch_dropout_phases", "[[0.5,0.75],[1.0,0.5]]"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["optim"]["patch_dropout_phases"] == [[0.5, 0.75], [1.0, 0.5]]

@@ -527,15 +527,15 @@ class ViT(nn.Module):
         pos = self.pos_embed_for(grid)
         return self.pos_drop(patches if pos is None else patches + pos)
 
-    def _drop_patches(self, tokens: torch.Tensor,
-                      patch_noise: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, D) -> (B, P + K, D): the P prefix tokens and the K = (1 - patch_dropout) N patch tokens of
-        lowest noise, (B, N) uniform draws from torch's global RNG unless `patch_noise` gives them; and the (B, K)
-        grid indices of the patches kept."""
+    def _drop_patches(self, tokens: torch.Tensor, patch_noise: torch.Tensor | None,
+                      rate: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, D) -> (B, P + K, D): the P prefix tokens and the K = (1 - rate) N patch tokens of lowest noise,
+        (B, N) uniform draws from torch's global RNG unless `patch_noise` gives them; and the (B, K) grid indices
+        of the patches kept."""
         prefix = self.cfg.num_prefix_tokens
         patches = tokens[:, prefix:]  # (B, N, D)
         b, n, d = patches.shape
-        keep = max(1, int(n * (1.0 - self.cfg.patch_dropout)))
+        keep = max(1, int(n * (1.0 - rate)))
         if patch_noise is None:
             patch_noise = torch.rand(b, n, device=tokens.device)
         elif tuple(patch_noise.shape) != (b, n):
@@ -545,17 +545,19 @@ class ViT(nn.Module):
         kept = patches.gather(1, chosen.unsqueeze(-1).expand(-1, -1, d))  # (B, K, D), position embedding included
         return torch.cat([tokens[:, :prefix], kept], dim=1), chosen
 
-    def encode(self, patches: torch.Tensor, grid: tuple[int, int],
-               patch_noise: torch.Tensor | None = None) -> torch.Tensor:
+    def encode(self, patches: torch.Tensor, grid: tuple[int, int], patch_noise: torch.Tensor | None = None,
+               patch_dropout: float | None = None) -> torch.Tensor:
         """(B, N, D) patch embeddings -> (B, T, D) tokens after the encoder and final norm.
 
-        While training with `patch_dropout`, T counts only the prefix and the patch tokens kept: those
+        While training with PatchDropout, T counts only the prefix and the patch tokens kept: those
         with the lowest `patch_noise` (B, N), random scores the caller may draw itself (a trainer does,
         to make the choice independent of how a batch is split), else drawn here. Unused otherwise.
+        `patch_dropout` replaces the config's rate for this call (a trainer's schedule of rates does).
         """
+        rate = self.cfg.patch_dropout if patch_dropout is None else patch_dropout
         x, kept = self._tokens(patches, grid), None
-        if self.training and self.cfg.patch_dropout > 0:
-            x, kept = self._drop_patches(x, patch_noise)  # (B, P + K, D), (B, K)
+        if self.training and rate > 0:
+            x, kept = self._drop_patches(x, patch_noise, rate)  # (B, P + K, D), (B, K)
         return self._run_blocks(x, grid, kept).tokens
 
     def _run_blocks(self, x: torch.Tensor, grid: tuple[int, int], kept: torch.Tensor | None = None,
@@ -576,10 +578,12 @@ class ViT(nn.Module):
                     attns.append(attn)
         return Intermediates(self.norm(x), hidden, attns)
 
-    def forward_features(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, T, D) tokens after the final norm (`patch_noise`: see `encode`)."""
+    def forward_features(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None,
+                         patch_dropout: float | None = None) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, T, D) tokens after the final norm (`patch_noise`, `patch_dropout`: see
+        `encode`)."""
         patches, grid = self.embed_patches(x)
-        return self.encode(patches, grid, patch_noise)
+        return self.encode(patches, grid, patch_noise, patch_dropout)
 
     def forward_intermediates(
         self, x: torch.Tensor, blocks: list[int] | None = None, attention: bool = False
@@ -612,9 +616,10 @@ class ViT(nn.Module):
         x = self.pre_logits(self.pool(tokens))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, C, H, W) images -> (B, classes) logits (`patch_noise`: see `encode`)."""
-        return self.forward_head(self.forward_features(x, patch_noise))
+    def forward(self, x: torch.Tensor, patch_noise: torch.Tensor | None = None,
+                patch_dropout: float | None = None) -> torch.Tensor:
+        """(B, C, H, W) images -> (B, classes) logits (`patch_noise`, `patch_dropout`: see `encode`)."""
+        return self.forward_head(self.forward_features(x, patch_noise, patch_dropout))
 
 
 def _lecun_normal_(weight: torch.Tensor) -> None:

@@ -153,6 +153,11 @@ class OptimOptions:
     loss for its multi-label pretraining sets, JFT-300M and ImageNet-21k)."""
     ema: float = 0.0
     """Decay of an exponential moving average of the weights (e.g. 0.999; 0: off). Evaluated and saved when on."""
+    patch_dropout_phases: list[tuple[float, float]] | None = None
+    """PatchDropout's rate by phase of the run, as [end, rate] pairs: each rate holds until `end`, a fraction of
+    the steps, e.g. [[0.5,0.75],[1.0,0.5]] (the first half at 0.75, the rest at 0.5); the last end is 1. Fewer
+    tokens early make those steps cheaper. Replaces --model.patch_dropout's rate while training (null: that rate
+    throughout). A compiled step compiles once more for each new rate."""
 
 
 @dataclass

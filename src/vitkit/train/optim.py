@@ -90,3 +90,27 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule)
     )
+
+
+def check_patch_dropout_phases(phases: list[tuple[float, float]]) -> None:
+    """Refuse phases that do not tile the run: ends rising in (0, 1], the last 1, rates in [0, 1)."""
+    shown = [list(phase) for phase in phases]
+    if not phases:
+        raise ValueError("--optim.patch_dropout_phases is empty: give [[end, rate], ...] pairs, or null")
+    ends = [end for end, _ in phases]
+    if any(not 0 < end <= 1 for end in ends) or any(a >= b for a, b in zip(ends, ends[1:])) or ends[-1] != 1:
+        raise ValueError(f"--optim.patch_dropout_phases {shown}: the ends must rise, each a fraction of the run in "
+                         "(0, 1], and the last must be 1 (the rate of the run's end)")
+    rates = [rate for _, rate in phases]
+    if any(not 0 <= rate < 1 for rate in rates):
+        raise ValueError(f"--optim.patch_dropout_phases {shown}: every rate must be in [0, 1) (the fraction of "
+                         "patch tokens left out)")
+
+
+def patch_dropout_at(phases: list[tuple[float, float]], step: int, total_steps: int) -> float:
+    """The PatchDropout rate of `step` (0-based): that of the first phase whose end (a fraction of `total_steps`)
+    lies beyond it."""
+    for end, rate in phases:
+        if step < end * total_steps:
+            return rate
+    return phases[-1][1]

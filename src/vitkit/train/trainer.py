@@ -10,6 +10,7 @@ the model starts from pretrained weights (vitkit.train.setup).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import random
@@ -45,7 +46,13 @@ from vitkit.train.distributed import local_device
 from vitkit.train.errors import TrainingError
 from vitkit.train.metrics import MetricsLog, read_metrics
 from vitkit.train.objective import Classification, Evaluation, Objective
-from vitkit.train.optim import build_optimizer, build_scheduler, warmup_steps
+from vitkit.train.optim import (
+    build_optimizer,
+    build_scheduler,
+    check_patch_dropout_phases,
+    patch_dropout_at,
+    warmup_steps,
+)
 from vitkit.train.pretraining import MaskedPatchObjective
 from vitkit.train.run_dir import check_run_dir, resumed_config, write_run_dir
 from vitkit.train.sampling import EpochBatches, SeededAugment, derive_seed
@@ -136,6 +143,15 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--run.max_steps must be at least 1, got {cfg.run.max_steps}")
     if cfg.data.num_workers < 0:
         raise ValueError(f"--data.num_workers must be >= 0, got {cfg.data.num_workers}")
+    if o.patch_dropout_phases is not None:
+        check_patch_dropout_phases(o.patch_dropout_phases)
+        if isinstance(cfg, PretrainConfig):
+            raise ValueError("--optim.patch_dropout_phases schedules PatchDropout, which masked patch prediction "
+                             "does not use (it must see every corrupted patch): leave it null for `vitkit pretrain`")
+        if not cfg.model.patch_dropout > 0:
+            raise ValueError(f"--optim.patch_dropout_phases schedules the model's PatchDropout, which "
+                             f"--model.patch_dropout {cfg.model.patch_dropout} turns off: give the model a rate above "
+                             "0 (the phases replace it while training)")
 
 
 def seed_everything(seed: int) -> None:
@@ -349,6 +365,8 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     images, targets = run.objective.mix(images, labels, derive_seed(cfg.run.seed, p.epoch, p.batch, ctx.rank, 0x313))
     noise = _noise(run)
+    rate = _patch_dropout(run)
+    forward = run.forward if rate is None else functools.partial(run.forward, patch_dropout=rate)
     run.optimizer.zero_grad(set_to_none=True)
     micro = cfg.optim.batch_size // ctx.world_size // cfg.optim.accumulate
     chunks = range(0, len(images), micro)
@@ -360,7 +378,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str
         # Gradients are averaged across processes once, on the last micro-batch.
         last = i == len(chunks) - 1 or not ctx.enabled
         with contextlib.nullcontext() if last else run.network.no_sync():
-            step = run.objective.loss(run.forward, x, targets[part], labels[part], x_noise)
+            step = run.objective.loss(forward, x, targets[part], labels[part], x_noise)
             (step.loss * len(x) / len(images)).backward()
         for key, value in step.sums.items():
             sums[key] = sums.get(key, 0.0) + value
@@ -416,6 +434,9 @@ def _log_step(run: Run, sums: dict[str, float]) -> None:
     elapsed = time.perf_counter() - run.window_start
     record = {**run.objective.train_metrics(window, run.window_steps),
               "train/lr": run.scheduler.get_last_lr()[0],
+              **({} if run.cfg.optim.patch_dropout_phases is None else
+                 {"train/patch_dropout": patch_dropout_at(run.cfg.optim.patch_dropout_phases, p.step - 1,
+                                                          run.total_steps)}),
               "train/images_per_s": window["seen"] / max(elapsed, 1e-9),
               "epoch": p.epoch + p.batch / run.steps_per_epoch}
     run.log.log(record, p.step)
@@ -547,6 +568,12 @@ def _noise(run: Run) -> torch.Tensor | None:
     p, ctx = run.position, run.ctx
     generator = torch.Generator().manual_seed(derive_seed(run.cfg.run.seed, p.epoch, p.batch, 0x9A7C))
     return torch.rand(run.cfg.optim.batch_size, *shape, generator=generator)[ctx.rank::ctx.world_size]
+
+
+def _patch_dropout(run: Run) -> float | None:
+    """The PatchDropout rate of this step under --optim.patch_dropout_phases, or None (the model's own rate)."""
+    phases = run.cfg.optim.patch_dropout_phases
+    return None if phases is None else patch_dropout_at(phases, run.position.step, run.total_steps)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
