@@ -10,19 +10,50 @@ import pytest
 import torch
 
 import vitkit.fastest_mode as fastest_mode
-from vitkit.fastest_mode import CACHE_FILE, candidates, choose
+from vitkit.fastest_mode import CACHE_FILE, candidates, choose, training_candidates
 from vitkit.inference_modes import InferenceModel, fastest_inference_mode
 from vitkit.model import ViT, ViTConfig
 
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("bf16, vnni, expected", [(False, False, ("fp32",)), (True, False, ("bf16",)),
-                                                  (False, True, ("int8",)), (True, True, ("bf16", "int8"))])
+@pytest.mark.parametrize("bf16, vnni, expected", [(False, False, ("fp32",)), (True, False, ("bf16", "fp32")),
+                                                  (False, True, ("int8", "fp32")),
+                                                  (True, True, ("bf16", "int8", "fp32"))])
 def test_the_candidates_follow_the_cpus_features(monkeypatch, bf16, vnni, expected):
     monkeypatch.setattr(fastest_mode, "cpu_has_native_bf16", lambda: bf16)
     monkeypatch.setattr(fastest_mode, "cpu_has_vnni", lambda: vnni)
     assert candidates(CPU) == expected
+
+
+@pytest.mark.parametrize("bf16, expected", [(False, ("fp32",)), (True, ("bf16-mixed", "fp32"))])
+def test_the_training_candidates_follow_the_cpus_features(monkeypatch, bf16, expected):
+    monkeypatch.setattr(fastest_mode, "cpu_has_native_bf16", lambda: bf16)
+    assert training_candidates(CPU) == expected
+
+
+def test_the_training_precision_is_timed_on_a_copy_and_remembered(monkeypatch, tmp_path):
+    monkeypatch.setattr(fastest_mode, "cpu_has_native_bf16", lambda: True)  # two candidates on any CPU
+    torch.manual_seed(0)
+    # PatchDropout and dropout draw from torch's RNG in training: the timing must leave it where it was.
+    model = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, width=32, depth=2, heads=2,
+                          mlp_dim=64, dropout=0.1, patch_dropout=0.5)).eval()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    choice = fastest_mode.fastest_training_precision(model, CPU, 200, tmp_path)
+    assert choice.precision in ("bf16-mixed", "fp32") and set(choice.median_ms) == {"bf16-mixed", "fp32"}
+    assert choice.median_ms[choice.precision] == min(choice.median_ms.values())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    cached = json.loads((tmp_path / CACHE_FILE).read_text())
+    (entry,) = cached.values()
+    assert entry["key"]["training"] is True and entry["key"]["batch"] == fastest_mode.MAX_TIMED_BATCH
+    again = fastest_mode.fastest_training_precision(model, CPU, 200, tmp_path)
+    assert again.precision == choice.precision and "timed before" in again.reason
+    with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
+        fastest_mode.fastest_training_precision(model, CPU, 0, tmp_path)
 
 
 def sleeper(delays: dict[str, float], built: list[str]):

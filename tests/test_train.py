@@ -453,3 +453,44 @@ def test_patch_dropout_phases_from_the_command_line(tmp_path, capsys):
     assert main([*common, "--optim.patch_dropout_phases", "[[0.5,0.75],[1.0,0.5]]"]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["optim"]["patch_dropout_phases"] == [[0.5, 0.75], [1.0, 0.5]]
+
+
+def test_auto_precision_trains_in_the_timed_choice_and_a_resumed_run_keeps_it(tmp_path, monkeypatch, capsys):
+    """"auto" runs what vitkit.fastest_mode timed faster; a checkpoint records it, so a run resumed where a new
+    timing would choose otherwise continues in the precision it started in, bit-exactly."""
+    from vitkit.fastest_mode import ModeChoice
+    from vitkit.train import trainer
+
+    asked = []
+
+    def timed(answer):
+        def choose(model, device, batch_size, cache=None):
+            asked.append(batch_size)
+            return ModeChoice(answer, f"timed now: {answer} faster")
+        return choose
+
+    monkeypatch.setattr(trainer, "training_candidates", lambda device: ("bf16-mixed", "fp32"))
+    monkeypatch.setattr(trainer, "fastest_training_precision", timed("fp32"))
+
+    def config(out: Path) -> TrainConfig:
+        cfg = tiny_config(out, epochs=1, accumulate=2)
+        cfg.run.precision = "auto"
+        return cfg
+
+    train(config(tmp_path / "whole"))
+    assert asked == [16]  # the micro-batch: 32 images in 2 parts
+    assert "precision auto: timed now: fp32 faster" in capsys.readouterr().out
+    part = config(tmp_path / "part")
+    part.run.max_steps = 10
+    train(part)
+    monkeypatch.setattr(trainer, "fastest_training_precision", timed("bf16-mixed"))
+    part.run.max_steps, part.run.resume = None, True
+    train(part)
+    assert "precision auto: fp32, as the run's checkpoint records" in capsys.readouterr().out
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    fresh = config(tmp_path / "bf16")
+    fresh.run.max_steps = 2
+    train(fresh)
+    assert "bf16-mixed precision" in capsys.readouterr().out

@@ -1,18 +1,26 @@
-"""What `--precision auto` runs at inference: the fastest mode this machine offers within the accuracy bound.
+"""What `--precision auto` runs: the fastest mode this machine offers, at inference within the accuracy bound, in
+training between bf16-mixed and fp32.
 
-Every inference mode is held to one accuracy bound on the trained Fashion-MNIST model (top-1 agreement with fp32
+At inference every mode is held to one accuracy bound on the trained Fashion-MNIST model (top-1 agreement with fp32
 of at least 99.5%, test top-1 within 0.2 points; `benchmarks/inference_accuracy.py` measures it), so "auto"
-chooses on speed among the modes the device runs at full width of their kind:
+chooses on speed among the modes the device runs:
 
 - a GPU: bf16 where it computes bf16 natively, else fp32;
 - a CPU with neither bf16 dot products (AVX-512 BF16, AMX) nor int8 ones (VNNI, AMX): fp32, since bf16 would be
   emulated and int8 would keep 7 bits, a form not measured against the bound;
-- a CPU with one of the two: that one;
-- a CPU with both: the features do not decide. On the AMD EPYC (AVX-512 BF16 and VNNI) int8 led at batch 16 (S/16:
-  46.0 against bf16's 34.4 images/s) and bf16 at batch 1 (Ti/16: 64.4 against 56.8); on an Intel Xeon with AMX bf16
-  led at both. So the two are timed once on the model itself, at the batch it will run (at most
-  `MAX_TIMED_BATCH`), and the faster one is remembered in a cache file keyed by everything the timing depends on:
-  the CPU, torch's version and threads, the model's config, the batch and compilation.
+- a CPU with either: the features do not decide, so fp32 and the modes it has are timed. On the AMD EPYC (AVX-512
+  BF16 and VNNI) int8 led at batch 16 (S/16: 46.0 against bf16's 34.4 images/s) and bf16 at batch 1 (Ti/16: 64.4
+  against 56.8); on an Intel Xeon with AMX bf16 led at both; on an Intel Xeon whose AMX was not available (AVX-512
+  BF16 and VNNI only) bf16 ran at half of fp32's speed (S/16 at batch 16: 13.0 against 18.9 images/s, int8 36.6).
+
+In training "auto" means bf16-mixed or fp32 (training keeps fp32 weights), and the same holds: on the AMD EPYC a
+bf16-mixed step of the default Fashion-MNIST model ran about 2.5x faster than fp32, on that Intel Xeon 0.72x
+(docs/results/speed_2026-12-02_1244). Where the CPU has bf16 dot products, both are timed on a copy of the run's
+model (forward and backward, eager), else the features decide.
+
+Each timing runs once on the model itself, at the batch it will run (at most `MAX_TIMED_BATCH`), and the faster
+mode is remembered in a cache file keyed by everything the timing depends on: the CPU, torch's version and
+threads, the model's config, the batch, compilation, and inference or training.
 
 The cache is `$VITKIT_CACHE_DIR/fastest_mode.json` (default `~/.cache/vitkit/`). A cache that cannot be read is
 measured over; one that cannot be written only costs the timing again next time.
@@ -20,6 +28,9 @@ measured over; one that cannot be written only costs the timing again next time.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -30,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from vitkit.atomic import atomic_write_text
-from vitkit.runtime import cpu_flags, cpu_has_native_bf16, cpu_has_vnni, cpu_model_name, resolve_precision
+from vitkit.runtime import autocast, cpu_flags, cpu_has_native_bf16, cpu_has_vnni, cpu_model_name, resolve_precision
 
 MAX_TIMED_BATCH = 64
 """Larger batches are timed at this size: the order of the modes does not change above it, the timing's cost does."""
@@ -64,7 +76,42 @@ def candidates(device: torch.device) -> tuple[str, ...]:
     if device.type != "cpu":
         return (resolve_precision("auto", device),)
     fast = tuple(mode for mode, present in (("bf16", cpu_has_native_bf16()), ("int8", cpu_has_vnni())) if present)
-    return fast or ("fp32",)
+    # fp32 stays in the race: bf16 dot products without AMX ran at half of fp32's speed on an Intel Xeon.
+    return (*fast, "fp32")
+
+
+def training_candidates(device: torch.device) -> tuple[str, ...]:
+    """The training precisions "auto" may choose on `device`, by its features alone."""
+    if device.type == "cpu":
+        return ("bf16-mixed", "fp32") if cpu_has_native_bf16() else ("fp32",)
+    return (resolve_precision("auto", device, training=True),)
+
+
+def fastest_training_precision(model: nn.Module, device: torch.device, batch_size: int,
+                               cache: Path | None = None) -> ModeChoice:
+    """The precision "auto" trains `model` in on `device` at `batch_size` images per forward pass, remembered in
+    `cache` (a directory; default `cache_dir()`). A copy of the model is timed, under a forked RNG: the model, its
+    gradients and torch's random state are as they were."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    config = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dataclasses.asdict(model.cfg)
+    batch = min(batch_size, MAX_TIMED_BATCH)
+    images = functools.cache(lambda: example_batch(config, batch, device))
+
+    def build(precision: str) -> Callable[[], object]:
+        timed = copy.deepcopy(model).train()
+
+        def step() -> None:
+            with torch.random.fork_rng(devices=[]):  # PatchDropout's and dropout's draws come from torch's RNG
+                with autocast(device, precision):
+                    outputs = timed(images())  # (B, K) logits, or (B, D) features of a model without a head
+                outputs.float().logsumexp(dim=-1).mean().backward()
+            timed.zero_grad(set_to_none=True)
+
+        return step
+
+    key = {**timing_key(config, device, batch, compile=False), "training": True}
+    return choose(training_candidates(device), build, key, cache)
 
 
 def timing_key(model_config: dict, device: torch.device, batch: int, compile: bool) -> dict:
@@ -86,7 +133,7 @@ def choose(options: tuple[str, ...], build: Callable[[str], Callable[[], object]
     `build(precision)` prepares the model in that mode and returns a call that runs one batch; it is called only when
     the choice is timed."""
     if len(options) == 1:
-        return ModeChoice(options[0], "the only mode within the bound that this device runs at full width")
+        return ModeChoice(options[0], "the only candidate this device runs at full width")
     path = (cache_dir() if cache is None else cache) / CACHE_FILE
     entries = _read_cache(path)
     entry_key = json.dumps(key, sort_keys=True)

@@ -8,12 +8,14 @@ One precision vocabulary serves every command and the Python API:
 | "bf16-mixed" | fp32    | bf16 (autocast, at every call) | yes | yes |
 | "bf16"       | bf16 (cast once) | bf16 | no: training keeps fp32 weights | yes |
 | "int8"       | int8 (quantised once) | int8, dynamic activations | no | yes, CPU only |
-| "auto"       | by device | | bf16-mixed if bf16 is native, else fp32 | the fastest mode in the bound (fastest_mode) |
+| "auto"       | by device | | the faster of bf16-mixed and fp32 (fastest_mode) | the fastest mode in the bound (fastest_mode) |
 
-bf16 pays only where the hardware multiplies bf16 natively: on CPUs with AVX-512 BF16 or AMX, matmuls ran
-2.4-3x faster than fp32 on the 2-core development machine (docs/results/speed_*), while CPUs without them
-emulate bf16 and get slower. That is the rule "auto" follows in training. At inference "auto" chooses among bf16,
-int8 and fp32 by the CPU's features and, where they do not decide, by timing the model once (vitkit.fastest_mode).
+bf16 pays only where the hardware multiplies bf16 natively, and not always there: on the AMD EPYC's AVX-512 BF16,
+matmuls ran 2.4-3x faster than fp32 (docs/results/speed_*), on an Intel Xeon with AVX-512 BF16 but no AMX at half
+of fp32's speed, and CPUs with neither emulate bf16 and get slower. So "auto" decides by the CPU's features where
+they settle it (no bf16 dot products: fp32) and otherwise by timing the model once (vitkit.fastest_mode), in
+training between bf16-mixed and fp32, at inference among bf16, int8 and fp32. `resolve_precision` is the
+features-only rule, for where no model is at hand.
 """
 
 from __future__ import annotations

@@ -169,8 +169,9 @@ class RunOptions:
     seed: int = 0
     """Seeds the initialisation, the data order and every augmentation and random draw."""
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    """bf16-mixed: fp32 weights, matmuls autocast to bfloat16; fp32; auto: bf16-mixed where the CPU (AVX-512
-    BF16 or AMX) or GPU computes bf16 natively, else fp32."""
+    """bf16-mixed: fp32 weights, matmuls autocast to bfloat16; fp32; auto: on a CPU with bf16 dot products
+    (AVX-512 BF16 or AMX) the faster of the two, timed once on the model and remembered (not every such CPU runs
+    bf16 faster); on a GPU that computes bf16 natively bf16-mixed; else fp32."""
     compile: Literal["auto"] | bool = "auto"
     """torch.compile the training step (a compilation of tens of seconds first); auto: compile runs of at least
     3000 steps."""

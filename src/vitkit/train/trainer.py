@@ -29,6 +29,7 @@ from vitkit.atomic import atomic_write_text
 from vitkit.data import batch_mixer, collate_skip_none, evaluation_set, load_dataset, train_transform
 from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.splits import training_subset
+from vitkit.fastest_mode import fastest_training_precision, training_candidates
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
 from vitkit.train import distributed
@@ -106,6 +107,8 @@ class Run:
     """Sums over the steps since the last log record ("loss": the sum of the steps' mean losses)."""
     window_steps: int = 0
     window_start: float = 0.0
+    precision_reason: str = ""
+    """Why "auto" became `precision` (empty when the run asked for a precision)."""
 
     @property
     def run_dir(self) -> Path:
@@ -226,15 +229,17 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
     elif cfg.run.resume:
         cfg = resumed_config(Path(cfg.run.out), cfg)
     seed_everything(cfg.run.seed)
-    precision = resolve_precision(cfg.run.precision, device, training=True)
+    resolve_precision(cfg.run.precision, device, training=True)  # refuse a precision training cannot run, first
     data, image_size = _load_data(cfg)
     objective = objective if objective is not None else objective_for(cfg, data)
     model = build_model(cfg, objective.head_size(data), image_size, data.in_chans).to(device)
+    precision, precision_reason = _training_precision(cfg, device, ctx, model)
     objective.prepare(model, data)
     objective.to(device)
     train_set, fast_augment, val_set, test_set = _datasets(cfg, data, image_size)
     run = _optimisation(cfg, ctx, device, precision, objective, data, model, train_set, fast_augment,
                         val_set, test_set)
+    run.precision_reason = precision_reason
     if not cfg.run.resume:
         _on_main_first(ctx, lambda: write_run_dir(cfg))
         if ctx.rank:
@@ -246,6 +251,28 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
         run.log = MetricsLog(run.run_dir, tensorboard=cfg.run.tensorboard,
                              resume_step=run.position.step if cfg.run.resume else None)
     return run
+
+
+def _training_precision(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
+                        model: torch.nn.Module) -> tuple[str, str]:
+    """The run's precision and why: the one asked for, or for "auto" the faster of bf16-mixed and fp32 on this
+    machine (vitkit.fastest_mode: timed once where the features do not decide). Every process runs rank 0's."""
+    if cfg.run.precision != "auto":
+        return resolve_precision(cfg.run.precision, device, training=True), ""
+    options = training_candidates(device)
+    reason = ""
+    if ctx.is_main:
+        micro_batch = cfg.optim.batch_size // ctx.world_size // cfg.optim.accumulate
+        choice = fastest_training_precision(model, device, micro_batch)
+        reason = choice.reason
+        bf16 = choice.precision == "bf16-mixed"
+    else:
+        bf16 = False
+    bf16 = ctx.broadcast_flag(bf16)
+    precision = "bf16-mixed" if bf16 else "fp32"
+    if precision not in options:  # a GPU without bf16: the features decided on every process alike
+        precision = options[0]
+    return precision, reason
 
 
 def _load_data(cfg: TrainConfig):
@@ -306,6 +333,11 @@ def _restore(run: Run) -> None:
     if "objective" in state:
         run.objective.load_state_dict(state["objective"])
     run.position = Position(**state["position"])
+    if run.cfg.run.precision == "auto" and state.get("precision") in ("fp32", "bf16-mixed"):
+        # The precision the run started in, not a new timing's: a resumed run continues the same arithmetic.
+        saved = state["precision"]
+        if saved != run.precision:
+            run.precision, run.precision_reason = saved, f"{saved}, as the run's checkpoint records"
     run.best_score, run.skipped_steps = state.get("best_val", -math.inf), state.get("skipped_steps", 0)
     set_rng_state(state["rng"])
     if run.ctx.rank:  # the saved RNG state is rank 0's; the others need streams of their own
@@ -334,6 +366,8 @@ def _prepare_forward(run: Run) -> None:
     if run.ctx.is_main and (r.precision == "auto" or r.compile == "auto"):
         print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
               f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {run.total_steps} steps)")
+        if run.precision_reason:
+            print(f"precision auto: {run.precision_reason}")
 
 
 # ---- the steps ----
@@ -476,7 +510,7 @@ def _end_of_period(run: Run) -> None:
 
 def write_checkpoint(run: Run) -> None:
     state = {"optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
-             "best_val": run.best_score, "skipped_steps": run.skipped_steps}
+             "best_val": run.best_score, "skipped_steps": run.skipped_steps, "precision": run.precision}
     if run.ema is not None:
         state["ema"] = run.ema.state_dict()
     objective_state = run.objective.state_dict()
