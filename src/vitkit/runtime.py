@@ -8,7 +8,7 @@ One precision vocabulary serves every command and the Python API:
 | "bf16-mixed" | fp32    | bf16 (autocast, at every call) | yes | yes |
 | "bf16"       | bf16 (cast once) | bf16 | no: training keeps fp32 weights | yes |
 | "int8"       | int8 (quantised once) | int8, dynamic activations | no | yes, CPU only |
-| "auto"       | by device | | the faster of bf16-mixed and fp32 (fastest_mode) | the fastest mode in the bound (fastest_mode) |
+| "auto"       | by device | | the faster of bf16-mixed and fp32 | the fastest mode in the bound |
 
 bf16 pays only where the hardware multiplies bf16 natively, and not always there: on the AMD EPYC's AVX-512 BF16,
 matmuls ran 2.4-3x faster than fp32 (docs/results/speed_*), on an Intel Xeon with AVX-512 BF16 but no AMX at half
