@@ -11,7 +11,10 @@ and labels (speed does not depend on their values). The contenders, each on its 
   (the code up to commit aaa5c6c);
 - fused AdamW: only the optimiser changed (one kernel per parameter for the whole update);
 - kept attention: only the attention changed (autograd keeps the small probabilities instead of recomputing them);
-- now: what vitkit's trainer runs (all of the above, and gradient clipping with foreach).
+- now: what vitkit's trainer runs (all of the above, and gradient clipping with foreach);
+- now, fp32: the same in fp32, where the contenders above run bf16-mixed (a CPU with bf16 dot products). Until
+  commit f5a971e `--run.precision auto` meant bf16-mixed on such a CPU; now it means the faster of the two, timed on
+  the model (vitkit.fastest_mode), and the report says which one it chose here.
 
 Eager steps only: a compiled step fuses what the changes touch differently, and compiling each contender costs
 about a minute. Contenders are interleaved (each runs once per round, in turn, so machine noise hits all alike) and
@@ -30,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from provenance import header_lines, provenance, result_base, write_json
 
+from vitkit.fastest_mode import fastest_training_precision
 from vitkit.model import create_model, vit
 from vitkit.runtime import autocast, resolve_precision
 from vitkit.train.optim import build_optimizer, parameter_groups
@@ -41,6 +45,7 @@ SHAPES = {
     "quick preset: Ti/7 (17 tokens)": ("Ti/7", 0.0),
 }
 CONTENDERS = ("before", "fused AdamW", "kept attention", "now")
+NOW_FP32 = "now, fp32"
 
 
 @contextmanager
@@ -63,7 +68,7 @@ def contender(name: str, model_name: str, patch_dropout: float, precision: str):
     optimizer = (torch.optim.AdamW(parameter_groups(model, 0.05), lr=1e-4, foreach=True) if old_optimizer
                  else build_optimizer(model, "adamw", 1e-4, 0.05))
     recompute = name in ("before", "fused AdamW")
-    clip_foreach = name == "now"
+    clip_foreach = name in ("now", NOW_FP32)
     device = torch.device("cpu")
     tokens = model.cfg.grid_size[0] * model.cfg.grid_size[1]
     generator = torch.Generator().manual_seed(1)
@@ -92,15 +97,18 @@ def main() -> int:
         parser.error(f"--reps must be at least 8 (5 warm-up rounds and 3 timed), got {args.reps}")
     started = datetime.now(timezone.utc)
     record = provenance(started)
+    # The precision "auto" meant before it was timed: bf16-mixed wherever the CPU has bf16 dot products.
     precision = resolve_precision("auto", torch.device("cpu"), training=True)
+    names = (*CONTENDERS, NOW_FP32) if precision != "fp32" else CONTENDERS
     record.update(benchmark="training step speed-ups", batch=BATCH, precision=precision, rounds=args.reps,
-                  shapes={})
+                  shapes={}, auto={})
     lines = ["# What each training-step speed-up buys", "", *header_lines(record),
-             f"- batch {BATCH}, {precision} precision, eager, {args.reps} interleaved rounds (5 warm-up), medians",
-             ""]
+             f"- batch {BATCH}, {precision} precision (but for '{NOW_FP32}'), eager, {args.reps} interleaved rounds "
+             "(5 warm-up), medians", ""]
     for shape, (model_name, patch_dropout) in SHAPES.items():
-        steps = {name: contender(name, model_name, patch_dropout, precision)[1] for name in CONTENDERS}
-        times = {name: [] for name in CONTENDERS}
+        steps = {name: contender(name, model_name, patch_dropout, "fp32" if name == NOW_FP32 else precision)[1]
+                 for name in names}
+        times = {name: [] for name in names}
         for _ in range(args.reps):
             for name, step in steps.items():
                 start = time.perf_counter()
@@ -110,11 +118,14 @@ def main() -> int:
         record["shapes"][shape] = {name: {"ms_per_step": round(ms[name], 2),
                                           "images_per_s": round(1000 * BATCH / ms[name], 1),
                                           "speedup_vs_before": round(ms["before"] / ms[name], 3)}
-                                   for name in CONTENDERS}
+                                   for name in names}
+        model = contender("now", model_name, patch_dropout, "fp32")[0]
+        choice = fastest_training_precision(model, torch.device("cpu"), BATCH)
+        record["auto"][shape] = {"precision": choice.precision, "reason": choice.reason}
         lines += [f"## {shape}", "", "| step | ms per step | images/s | x before |", "|---|---|---|---|"]
         lines += [f"| {name} | {ms[name]:.1f} | {1000 * BATCH / ms[name]:.0f} | {ms['before'] / ms[name]:.2f} |"
-                  for name in CONTENDERS]
-        lines.append("")
+                  for name in names]
+        lines += ["", f"`--run.precision auto` trains this model in {choice.precision} here: {choice.reason}", ""]
     base = result_base(args.out, "train_step", started)
     write_json(record, base)
     base.with_suffix(".md").write_text("\n".join(lines))

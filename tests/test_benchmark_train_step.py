@@ -16,7 +16,7 @@ def test_every_contender_takes_the_same_step_to_float_rounding():
     # fused against foreach AdamW, kept against recomputed attention: the same arithmetic, so after three steps
     # from the same weights on the same batches every contender's weights agree with "before"'s to rounding.
     models = {}
-    for name in train_step.CONTENDERS:
+    for name in (*train_step.CONTENDERS, train_step.NOW_FP32):
         model, step = train_step.contender(name, "Ti/7", 0.0, "fp32")
         for _ in range(3):
             step()
@@ -45,7 +45,9 @@ def test_the_report_names_each_contender_with_its_ratio_to_before(tmp_path, monk
     assert train_step.main() == 0
     record = json.loads(next(tmp_path.glob("train_step_*.json")).read_text())
     rows = record["shapes"]["quick"]
-    assert list(rows) == list(train_step.CONTENDERS)
+    fp32_row = [train_step.NOW_FP32] if record["precision"] != "fp32" else []
+    assert list(rows) == [*train_step.CONTENDERS, *fp32_row]
+    assert record["auto"]["quick"]["precision"] in ("fp32", "bf16-mixed")
     assert rows["before"]["speedup_vs_before"] == 1.0
     for row in rows.values():
         assert abs(row["images_per_s"] * row["ms_per_step"] / 1000 - train_step.BATCH) < 0.5
