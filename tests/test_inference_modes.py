@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
+import vitkit.inference_modes as inference_modes
 from randomised import randomise_
 from vitkit.inference_modes import (MODES, DynamicInt8Linear, InferenceModel, PackedLinear, onednn_int8_available,
                                     packed_linears_available)
 from vitkit.model import create_model
-from vitkit.runtime import cpu_has_native_bf16, cpu_has_vnni
+from vitkit.runtime import cpu_has_vnni
 
 # Largest logit difference allowed, relative to the largest fp32 logit. fp32 runs its linears through oneDNN,
 # which sums in another order than aten (measured 7.7e-7). bf16 keeps 8 bits of mantissa
@@ -92,14 +95,35 @@ def test_int8_linear_computes_the_quantised_product(reduce_range, kernel, activa
     assert (got.float() - (torch.nn.functional.gelu(fp32) if activation == "gelu" else fp32)).abs().max() > 1e-3
 
 
-def test_int8_mode_fuses_gelu_and_runs_attention_in_bf16_where_native():
+@pytest.mark.parametrize("attention, dtype", [("bf16", torch.bfloat16), ("fp32", torch.float32)])
+def test_int8_mode_fuses_gelu_and_runs_attention_in_the_dtype_asked(attention, dtype):
     model = create_model("Ti/8", img_size=16, num_classes=3, depth=1)
-    inner = InferenceModel(model, "int8").model
+    inner = InferenceModel(model, "int8", int8_attention=attention).model
     block = inner.blocks[0]
     assert isinstance(block.mlp.act, torch.nn.Identity) and block.mlp.fc1.activation == "gelu"
     assert block.mlp.fc2.activation == "none" and block.attn.proj.out_dtype == torch.float32
-    assert block.attn.qkv.out_dtype == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert block.attn.qkv.out_dtype == dtype
     assert isinstance(inner.head, DynamicInt8Linear)
+    with pytest.raises(ValueError, match="unknown int8_attention 'fp16'"):
+        InferenceModel(model, "int8", int8_attention="fp16")
+
+
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_int8_modes_attention_is_fp32_without_bf16_and_else_the_timed_faster(monkeypatch, tmp_path, native_bf16):
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(inference_modes, "cpu_has_native_bf16", lambda: native_bf16)
+    model = create_model("Ti/8", img_size=16, num_classes=3, depth=1)
+    choice = inference_modes.int8_attention_choice(model, torch.device("cpu"), 4)
+    inner = InferenceModel(model, "int8", batch_size=4).model
+    assert inner.blocks[0].attn.qkv.out_dtype == (torch.bfloat16 if choice.precision == "bf16" else torch.float32)
+    if native_bf16:
+        assert set(choice.median_ms) == {"bf16", "fp32"}
+        assert choice.median_ms[choice.precision] == min(choice.median_ms.values())
+        (entry,) = json.loads((tmp_path / "fastest_mode.json").read_text()).values()
+        assert entry["key"]["int8_attention"] is True and entry["precision"] == choice.precision
+    else:
+        assert choice.precision == "fp32" and choice.median_ms is None
+        assert not (tmp_path / "fastest_mode.json").exists()
 
 
 def test_int8_linear_refuses_what_its_kernel_cannot_do():

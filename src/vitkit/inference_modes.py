@@ -15,7 +15,8 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
 - "int8": the linear layers dynamically quantised to int8: weights once, symmetric per output channel;
   activations per call, per tensor, over the full 8-bit range on CPUs with VNNI (7 bits elsewhere, where
   the int8 kernels would saturate), with the MLP's GELU fused into its first linear. The attention between
-  the projections runs in bf16 on CPUs with native bf16 matmuls, in fp32 elsewhere. CPU only.
+  the projections runs in bf16 or fp32, whichever this machine runs faster (timed once where the CPU has bf16
+  dot products, else fp32). CPU only.
 `compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after).
 `keep_freed_memory=True` (CPU) lets the process reuse the memory it frees instead of faulting in fresh pages
 for every batch (vitkit.allocator); it changes the C allocator's settings for the whole process.
@@ -47,7 +48,8 @@ class InferenceModel(nn.Module):
     """`model` prepared for inference in one mode; the original is left as it was."""
 
     def __init__(self, model: nn.Module, precision: Precision = "auto", compile: bool = False,
-                 keep_freed_memory: bool = False, batch_size: int = 16):
+                 keep_freed_memory: bool = False, batch_size: int = 16,
+                 int8_attention: Literal["auto", "bf16", "fp32"] = "auto"):
         super().__init__()
         device = next(model.parameters()).device
         self.choice: fastest_mode.ModeChoice | None = None
@@ -69,8 +71,12 @@ class InferenceModel(nn.Module):
             _swap_linears(inner, lambda linear, activation, is_qkv: PackedLinear(linear, activation, dtype))
         elif precision == "int8":
             # The attention between the int8 projections is the one part int8 does not cover (about a fifth of
-            # the S/16 forward in fp32): it runs in bf16 where the CPU multiplies bf16 natively.
-            attention_dtype = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+            # the S/16 forward in fp32): it runs in bf16 or fp32, whichever is faster here (int8_attention_choice).
+            if int8_attention == "auto":
+                int8_attention = int8_attention_choice(model, device, batch_size, compile).precision
+            elif int8_attention not in ("bf16", "fp32"):
+                raise ValueError(f"unknown int8_attention {int8_attention!r}: choose auto, bf16 or fp32")
+            attention_dtype = torch.bfloat16 if int8_attention == "bf16" else torch.float32
             reduce_range = not cpu_has_vnni()
             _swap_linears(inner, lambda linear, activation, is_qkv: DynamicInt8Linear(
                 linear, reduce_range, activation, attention_dtype if is_qkv else torch.float32))
@@ -112,6 +118,27 @@ def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: i
 
     key = fastest_mode.timing_key(config, device, batch, compile)
     return fastest_mode.choose(fastest_mode.candidates(device), build, key, cache)
+
+
+def int8_attention_choice(model: nn.Module, device: torch.device, batch_size: int = 16, compile: bool = False,
+                          cache: Path | None = None) -> fastest_mode.ModeChoice:
+    """Whether int8 mode runs the attention between its projections in bf16 or fp32 on this machine: fp32 on a CPU
+    without bf16 dot products (or a model without attention); else both are timed once on the model, as "auto"'s
+    modes are (vitkit.fastest_mode), and the faster remembered. bf16 led on the AMD EPYC (2.63x the fp32 model's
+    speed with it, 2.45x without); on an Intel Xeon without AMX, whose bf16 matmuls ran at half of fp32's speed,
+    fp32 led (S/16: 22.6 against 19.0 images/s at batch 1, 34.4 against 31.9 at batch 16)."""
+    if not cpu_has_native_bf16() or not any(isinstance(module, Attention) for module in model.modules()):
+        return fastest_mode.ModeChoice("fp32", "no bf16 dot products on this CPU, or no attention in the model")
+    config = model.cfg.to_dict()
+    batch = min(batch_size, fastest_mode.MAX_TIMED_BATCH)
+    images = functools.cache(lambda: fastest_mode.example_batch(config, batch, device))
+
+    def build(attention: str) -> Callable[[], object]:
+        runner = InferenceModel(model, "int8", compile, batch_size=batch_size, int8_attention=attention)
+        return lambda: runner(images())
+
+    key = {**fastest_mode.timing_key(config, device, batch, compile), "int8_attention": True}
+    return fastest_mode.choose(("bf16", "fp32"), build, key, cache)
 
 
 class PackedLinear(nn.Module):
