@@ -16,6 +16,7 @@ FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
 @pytest.mark.skipif(not FASHION.exists(), reason="Fashion-MNIST is not installed (make data)")
+@pytest.mark.slow  # 19 s end to end; `make test-slow` runs it
 def test_quick_mode_follows_the_budget_rule_and_resumes(tmp_path):
     work = tmp_path / "work"
     command = [sys.executable, str(ROOT / "benchmarks" / "hybrid_vs_vit.py"), "--quick",

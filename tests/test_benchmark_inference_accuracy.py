@@ -44,6 +44,7 @@ def test_scored_rows_compare_with_the_labels_and_with_fp32():
     assert fp32["meets_goals"] and not other["meets_goals"]
 
 
+@pytest.mark.slow  # 14 s end to end; `make test-slow` runs it
 def test_the_benchmark_runs_end_to_end_on_a_small_model(tmp_path):
     pytest.importorskip("onnxruntime")
     torch.manual_seed(0)
