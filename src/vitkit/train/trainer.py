@@ -260,19 +260,14 @@ def _training_precision(cfg: TrainConfig, device: torch.device, ctx: distributed
     if cfg.run.precision != "auto":
         return resolve_precision(cfg.run.precision, device, training=True), ""
     options = training_candidates(device)
-    reason = ""
+    if len(options) == 1:  # the features decide, alike on every process
+        return options[0], ""
+    reason, bf16 = "", False
     if ctx.is_main:
         micro_batch = cfg.optim.batch_size // ctx.world_size // cfg.optim.accumulate
         choice = fastest_training_precision(model, device, micro_batch)
-        reason = choice.reason
-        bf16 = choice.precision == "bf16-mixed"
-    else:
-        bf16 = False
-    bf16 = ctx.broadcast_flag(bf16)
-    precision = "bf16-mixed" if bf16 else "fp32"
-    if precision not in options:  # a GPU without bf16: the features decided on every process alike
-        precision = options[0]
-    return precision, reason
+        reason, bf16 = choice.reason, choice.precision == "bf16-mixed"
+    return ("bf16-mixed" if ctx.broadcast_flag(bf16) else "fp32"), reason
 
 
 def _load_data(cfg: TrainConfig):
@@ -399,7 +394,7 @@ def train_step(run: Run, images: torch.Tensor, labels: torch.Tensor) -> dict[str
     images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
     images, targets = run.objective.mix(images, labels, derive_seed(cfg.run.seed, p.epoch, p.batch, ctx.rank, 0x313))
     noise = _noise(run)
-    rate = _patch_dropout(run)
+    rate = _patch_dropout(run, p.step)
     forward = run.forward if rate is None else functools.partial(run.forward, patch_dropout=rate)
     run.optimizer.zero_grad(set_to_none=True)
     micro = cfg.optim.batch_size // ctx.world_size // cfg.optim.accumulate
@@ -469,8 +464,7 @@ def _log_step(run: Run, sums: dict[str, float]) -> None:
     record = {**run.objective.train_metrics(window, run.window_steps),
               "train/lr": run.scheduler.get_last_lr()[0],
               **({} if run.cfg.optim.patch_dropout_phases is None else
-                 {"train/patch_dropout": patch_dropout_at(run.cfg.optim.patch_dropout_phases, p.step - 1,
-                                                          run.total_steps)}),
+                 {"train/patch_dropout": _patch_dropout(run, p.step - 1)}),  # the last step's
               "train/images_per_s": window["seen"] / max(elapsed, 1e-9),
               "epoch": p.epoch + p.batch / run.steps_per_epoch}
     run.log.log(record, p.step)
@@ -604,10 +598,10 @@ def _noise(run: Run) -> torch.Tensor | None:
     return torch.rand(run.cfg.optim.batch_size, *shape, generator=generator)[ctx.rank::ctx.world_size]
 
 
-def _patch_dropout(run: Run) -> float | None:
-    """The PatchDropout rate of this step under --optim.patch_dropout_phases, or None (the model's own rate)."""
+def _patch_dropout(run: Run, step: int) -> float | None:
+    """The PatchDropout rate of `step` (0-based) under --optim.patch_dropout_phases, or None (the model's own rate)."""
     phases = run.cfg.optim.patch_dropout_phases
-    return None if phases is None else patch_dropout_at(phases, run.position.step, run.total_steps)
+    return None if phases is None else patch_dropout_at(phases, step, run.total_steps)
 
 
 def _grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
