@@ -130,8 +130,9 @@ class _InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-@pytest.mark.parametrize("what", ["loss", "gradient norm"])
-def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, what):
+# Without clipping (clip None) the gradient's norm is still taken, to find the infinite one.
+@pytest.mark.parametrize(("what", "clip"), [("loss", 1.0), ("gradient norm", 1.0), ("gradient norm", None)])
+def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, what, clip):
     from safetensors.torch import load_file as read
 
     from vitkit.model.vit import ViT
@@ -152,6 +153,7 @@ def test_non_finite_loss_or_gradient_stops_and_keeps_the_last_checkpoint(tmp_pat
     monkeypatch.setattr(ViT, "forward", poisoned)
     run = tmp_path / "run"
     cfg = tiny_config(run)
+    cfg.optim.clip_grad = clip
     with pytest.raises(TrainingError) as caught:
         train(cfg)
     checkpoints = run / "checkpoints"

@@ -92,13 +92,8 @@ def fastest_training_precision(model: nn.Module, device: torch.device, batch_siz
     """The precision "auto" trains `model` in on `device` at `batch_size` images per forward pass, remembered in
     `cache` (a directory; default `cache_dir()`). A copy of the model is timed, under a forked RNG: the model, its
     gradients and torch's random state are as they were."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    config = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dataclasses.asdict(model.cfg)
-    batch = min(batch_size, MAX_TIMED_BATCH)
-    images = functools.cache(lambda: example_batch(config, batch, device))
 
-    def build(precision: str) -> Callable[[], object]:
+    def build(precision: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
         timed = copy.deepcopy(model).train()
 
         def step() -> None:
@@ -110,8 +105,24 @@ def fastest_training_precision(model: nn.Module, device: torch.device, batch_siz
 
         return step
 
-    key = {**timing_key(config, device, batch, compile=False), "training": True}
-    return choose(training_candidates(device), build, key, cache)
+    return choose_on_model(model, device, batch_size, training_candidates(device), build, purpose={"training": True},
+                           cache=cache)
+
+
+def choose_on_model(model: nn.Module, device: torch.device, batch_size: int, options: tuple[str, ...],
+                    build: Callable[[str, Callable[[], torch.Tensor]], Callable[[], object]], compile: bool = False,
+                    purpose: dict | None = None, cache: Path | None = None) -> ModeChoice:
+    """The fastest of `options` for `model` on `device` at `batch_size` (timed at most at `MAX_TIMED_BATCH`): `choose`
+    keyed by the model, the device and the batch, and by `purpose` (what is timed, when it is not the inference
+    mode). `build(option, images)` prepares the model for one option; `images()` makes the example batch, only when
+    a timing needs it."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    config = model.cfg.to_dict() if hasattr(model.cfg, "to_dict") else dataclasses.asdict(model.cfg)
+    batch = min(batch_size, MAX_TIMED_BATCH)
+    images = functools.cache(lambda: example_batch(config, batch, device))
+    key = {**timing_key(config, device, batch, compile), **(purpose or {})}
+    return choose(options, lambda option: build(option, images), key, cache)
 
 
 def timing_key(model_config: dict, device: torch.device, batch: int, compile: bool) -> dict:

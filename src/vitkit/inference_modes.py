@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import warnings
 from pathlib import Path
 from typing import Callable, Literal
@@ -105,19 +104,13 @@ def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: i
                            cache: Path | None = None) -> fastest_mode.ModeChoice:
     """The precision "auto" stands for with `model` on `device` at `batch_size` (vitkit.fastest_mode), remembered in
     `cache` (a directory; default vitkit.fastest_mode.cache_dir())."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    config = model.cfg.to_dict()
-    batch = min(batch_size, fastest_mode.MAX_TIMED_BATCH)
-    # Made only if the modes are timed: one candidate, or a remembered choice, needs no images.
-    images = functools.cache(lambda: fastest_mode.example_batch(config, batch, device))
 
-    def build(precision: str) -> Callable[[], object]:
+    def build(precision: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
         runner = InferenceModel(model, precision, compile)
         return lambda: runner(images())
 
-    key = fastest_mode.timing_key(config, device, batch, compile)
-    return fastest_mode.choose(fastest_mode.candidates(device), build, key, cache)
+    return fastest_mode.choose_on_model(model, device, batch_size, fastest_mode.candidates(device), build, compile,
+                                        cache=cache)
 
 
 def int8_attention_choice(model: nn.Module, device: torch.device, batch_size: int = 16, compile: bool = False,
@@ -129,16 +122,13 @@ def int8_attention_choice(model: nn.Module, device: torch.device, batch_size: in
     fp32 led (S/16: 22.6 against 19.0 images/s at batch 1, 34.4 against 31.9 at batch 16)."""
     if not cpu_has_native_bf16() or not any(isinstance(module, Attention) for module in model.modules()):
         return fastest_mode.ModeChoice("fp32", "no bf16 dot products on this CPU, or no attention in the model")
-    config = model.cfg.to_dict()
-    batch = min(batch_size, fastest_mode.MAX_TIMED_BATCH)
-    images = functools.cache(lambda: fastest_mode.example_batch(config, batch, device))
 
-    def build(attention: str) -> Callable[[], object]:
+    def build(attention: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
         runner = InferenceModel(model, "int8", compile, batch_size=batch_size, int8_attention=attention)
         return lambda: runner(images())
 
-    key = {**fastest_mode.timing_key(config, device, batch, compile), "int8_attention": True}
-    return fastest_mode.choose(("bf16", "fp32"), build, key, cache)
+    return fastest_mode.choose_on_model(model, device, batch_size, ("bf16", "fp32"), build, compile,
+                                        purpose={"int8_attention": True}, cache=cache)
 
 
 class PackedLinear(nn.Module):
