@@ -489,6 +489,7 @@ def test_auto_precision_trains_in_the_timed_choice_and_a_resumed_run_keeps_it(tm
     part.run.max_steps, part.run.resume = None, True
     train(part)
     assert "precision auto: fp32, as the run's checkpoint records" in capsys.readouterr().out
+    assert asked == [16, 16]  # the resumed run took the recorded precision without timing again
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
     for key in a:
         assert torch.equal(a[key], b[key]), key

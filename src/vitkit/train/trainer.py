@@ -233,7 +233,9 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
     data, image_size = _load_data(cfg)
     objective = objective if objective is not None else objective_for(cfg, data)
     model = build_model(cfg, objective.head_size(data), image_size, data.in_chans).to(device)
-    precision, precision_reason = _training_precision(cfg, device, ctx, model)
+    # The checkpoint a resumed run continues from, read once: its precision and its state.
+    resumed = _last_checkpoint_state(cfg) if cfg.run.resume else None
+    precision, precision_reason = _training_precision(cfg, device, ctx, model, resumed)
     objective.prepare(model, data)
     objective.to(device)
     train_set, fast_augment, val_set, test_set = _datasets(cfg, data, image_size)
@@ -245,7 +247,7 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
         if ctx.rank:
             torch.manual_seed(derive_seed(cfg.run.seed, ctx.rank))  # dropout masks differ between ranks
     else:
-        _restore(run)
+        _restore(run, resumed)
     _prepare_forward(run)
     if ctx.is_main:
         run.log = MetricsLog(run.run_dir, tensorboard=cfg.run.tensorboard,
@@ -254,11 +256,16 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
 
 
 def _training_precision(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
-                        model: torch.nn.Module) -> tuple[str, str]:
-    """The run's precision and why: the one asked for, or for "auto" the faster of bf16-mixed and fp32 on this
-    machine (vitkit.fastest_mode: timed once where the features do not decide). Every process runs rank 0's."""
+                        model: torch.nn.Module, resumed: tuple[Path, dict] | None) -> tuple[str, str]:
+    """The run's precision and why: the one asked for, or for "auto" the one the resumed checkpoint records, else
+    the faster of bf16-mixed and fp32 on this machine (vitkit.fastest_mode: timed once where the features do not
+    decide). Every process runs rank 0's."""
     if cfg.run.precision != "auto":
         return resolve_precision(cfg.run.precision, device, training=True), ""
+    saved = resumed[1].get("precision") if resumed is not None else None
+    if saved in ("fp32", "bf16-mixed"):
+        # The precision the run started in, not a new timing's: a resumed run continues the same arithmetic.
+        return saved, f"{saved}, as the run's checkpoint records"
     options = training_candidates(device)
     if len(options) == 1:  # the features decide, alike on every process
         return options[0], ""
@@ -311,16 +318,21 @@ def _optimisation(cfg, ctx, device, precision, objective, data, model, train_set
                train_set, fast_augment, val_set, test_set, preprocess_metadata(data), total_steps, steps_per_epoch)
 
 
-def _restore(run: Run) -> None:
-    """Continue from the run's last checkpoint: weights, optimiser, schedule, EMA, position and RNG state."""
-    found = last_checkpoint(run.run_dir)
-    if found is None:
+def _last_checkpoint_state(cfg: TrainConfig) -> tuple[Path, dict] | None:
+    """(weights file, training state) of the run's last checkpoint, or None when it has none yet."""
+    found = last_checkpoint(Path(cfg.run.out))
+    return None if found is None else (found[0], load_training_state(found[1]))
+
+
+def _restore(run: Run, resumed: tuple[Path, dict] | None) -> None:
+    """Continue from the run's last checkpoint (`resumed`, its weights file and training state): weights, optimiser,
+    schedule, EMA, position and RNG state."""
+    if resumed is None:
         if run.ctx.is_main:
             print(f"resuming {run.run_dir}: no checkpoint yet, starting from the beginning")
         return
-    weights_path, state_path = found
+    weights_path, state = resumed
     load_checkpoint_weights(run.model, weights_path)
-    state = load_training_state(state_path)
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     if run.ema is not None:
@@ -328,11 +340,6 @@ def _restore(run: Run) -> None:
     if "objective" in state:
         run.objective.load_state_dict(state["objective"])
     run.position = Position(**state["position"])
-    if run.cfg.run.precision == "auto" and state.get("precision") in ("fp32", "bf16-mixed"):
-        # The precision the run started in, not a new timing's: a resumed run continues the same arithmetic.
-        saved = state["precision"]
-        if saved != run.precision:
-            run.precision, run.precision_reason = saved, f"{saved}, as the run's checkpoint records"
     run.best_score, run.skipped_steps = state.get("best_val", -math.inf), state.get("skipped_steps", 0)
     set_rng_state(state["rng"])
     if run.ctx.rank:  # the saved RNG state is rank 0's; the others need streams of their own
