@@ -21,6 +21,14 @@ def test_help_works_from_the_installed_script(args):
     assert "usage: vitkit" in done.stdout
 
 
+def test_python_dash_m_is_the_same_command():
+    done = subprocess.run([sys.executable, "-m", "vitkit", "eval", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    script = subprocess.run([str(VITKIT), "eval", "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == script.stdout and "usage: vitkit" in done.stdout and " eval " in done.stdout
+
+
 def test_train_help_shows_field_docs():
     done = subprocess.run([str(VITKIT), "train", "--help"], capture_output=True, text=True, timeout=120)
     assert "Peak learning rate" in done.stdout and "--optim.lr" in done.stdout

@@ -29,6 +29,7 @@ LAYERS = [
     ["vitkit.fewshot", "vitkit.inspection", "vitkit.export", "vitkit.serve"],  # commands over inference
     ["vitkit.train"],
     ["vitkit.cli"],
+    ["vitkit.__main__"],  # `python -m vitkit`: the command table run as a module
 ]
 
 # What `vitkit predict` and `vitkit eval` must run without. vitkit.train.config (the option dataclasses the
