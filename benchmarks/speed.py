@@ -199,7 +199,7 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     }
     modes = [("fp32", False), ("bf16", False), ("bf16-mixed", False), ("int8", False)]
     if with_compile:
-        modes += [("fp32", True), ("bf16", True)]
+        modes += [("fp32", True), ("bf16", True), ("int8", True)]
     auto = None
     if with_auto:
         with tempfile.TemporaryDirectory(prefix="vitkit-speed-cache-") as cache:

@@ -126,6 +126,37 @@ def test_int8_modes_attention_is_fp32_without_bf16_and_else_the_timed_faster(mon
         assert not (tmp_path / "fastest_mode.json").exists()
 
 
+@pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
+@pytest.mark.parametrize("activation,out_dtype", [("none", torch.float32), ("gelu", torch.float32),
+                                                  ("none", torch.bfloat16)])
+def test_int8_linears_traced_form_rounds_as_the_eager_kernel(activation, out_dtype):
+    # The form torch.compile captures quantises the activations with tensor ops instead of quantize_per_tensor;
+    # on the same input it must pick the same levels, hence the same integer product.
+    torch.manual_seed(0)
+    linear = DynamicInt8Linear(torch.nn.Linear(64, 48), False, activation, out_dtype, kernel="onednn")
+    x = torch.randn(5, 7, 64) * 2 + 0.3
+    traced = linear._traced_forward(x)
+    assert traced.shape == (5, 7, 48) and traced.dtype == out_dtype
+    torch.testing.assert_close(traced.float(), linear(x).float(), atol=1e-6, rtol=0)
+    zeros = torch.zeros(3, 64)  # no range at all: every activation is the zero point
+    torch.testing.assert_close(linear._traced_forward(zeros).float(), linear(zeros).float(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
+def test_compiled_int8_is_one_graph_with_the_eager_modes_logits():
+    # Before, every int8 linear was opaque to dynamo: a compiled int8 model broke into a graph per layer.
+    from torch._dynamo.utils import counters
+
+    model = randomise_(create_model("Ti/8", img_size=16, num_classes=5, depth=2), seed=3).eval()
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    eager = InferenceModel(model, "int8", int8_attention="fp32")(images)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = InferenceModel(model, "int8", compile=True, int8_attention="fp32")(images)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(compiled, eager, atol=1e-3 * eager.abs().max().item(), rtol=0)
+
+
 def test_int8_linear_refuses_what_its_kernel_cannot_do():
     linear = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
