@@ -20,7 +20,8 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
 `compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after). Compiled, int8 is
 captured whole: each linear's activation quantisation becomes tensor ops that fuse with the LayerNorm or attention
 before it, the weights are packed once at compile time (freezing), and C++ calls the kernels. S/16 at batch 1
-ran 1.26x the eager int8 mode, at batch 16 1.09x (torch 2.14, 2 cores, AVX-512 VNNI; docs/results/speed_*).
+ran 1.25x the eager int8 mode, at batch 16 1.08x (torch 2.14, 2 cores, AVX-512 VNNI;
+docs/results/speed_2026-12-03_1231).
 `keep_freed_memory=True` (CPU) lets the process reuse the memory it frees instead of faulting in fresh pages
 for every batch (vitkit.allocator); it changes the C allocator's settings for the whole process.
 """
