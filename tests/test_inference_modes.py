@@ -133,13 +133,18 @@ def test_int8_linears_traced_form_rounds_as_the_eager_kernel(activation, out_dty
     # The form torch.compile captures quantises the activations with tensor ops instead of quantize_per_tensor;
     # on the same input it must pick the same levels, hence the same integer product.
     torch.manual_seed(0)
-    linear = DynamicInt8Linear(torch.nn.Linear(64, 48), False, activation, out_dtype, kernel="onednn")
+    linear = torch.nn.Linear(64, 48)
+    eager = DynamicInt8Linear(linear, False, activation, out_dtype, kernel="onednn")
+    for_compile = DynamicInt8Linear(linear, False, activation, out_dtype, kernel="onednn", for_compile=True)
     x = torch.randn(5, 7, 64) * 2 + 0.3
-    traced = linear._traced_forward(x)
+    traced = for_compile._traced_forward(x)
     assert traced.shape == (5, 7, 48) and traced.dtype == out_dtype
-    torch.testing.assert_close(traced.float(), linear(x).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(traced.float(), eager(x).float(), atol=1e-6, rtol=0)
     zeros = torch.zeros(3, 64)  # no range at all: every activation is the zero point
-    torch.testing.assert_close(linear._traced_forward(zeros).float(), linear(zeros).float(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(for_compile._traced_forward(zeros).float(), eager(zeros).float(), atol=1e-6, rtol=0)
+    assert eager.weight_int8 is None and for_compile.packed is None  # each keeps one copy of the weight
+    with pytest.raises(RuntimeError, match="runs only compiled"):
+        for_compile(x)
 
 
 @pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")

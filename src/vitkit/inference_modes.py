@@ -82,7 +82,8 @@ class InferenceModel(nn.Module):
             attention_dtype = torch.bfloat16 if int8_attention == "bf16" else torch.float32
             reduce_range = not cpu_has_vnni()
             _swap_linears(inner, lambda linear, activation, is_qkv: DynamicInt8Linear(
-                linear, reduce_range, activation, attention_dtype if is_qkv else torch.float32))
+                linear, reduce_range, activation, attention_dtype if is_qkv else torch.float32,
+                for_compile=compile))
         self.model = inner
         self.run = torch.compile(inner) if compile else inner
         # int8 compiled: freezing makes each weight's packing a constant, computed once (the traced forward packs it
@@ -206,10 +207,14 @@ class DynamicInt8Linear(nn.Module):
     activation. In one interleaved comparison the int8 S/16 forward ran at 2.35x the fp32 model's speed
     with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise
     fbgemm's dynamic linear, which quantises internally, with GELU and the cast applied after it.
+
+    `for_compile=True` builds the oneDNN kernel's module for torch.compile only: it keeps the int8 weight for the
+    traced form (`_traced_forward`), which compiling with freezing packs once, and refuses eager calls.
     """
 
     def __init__(self, linear: nn.Linear, reduce_range: bool, activation: Literal["none", "gelu"] = "none",
-                 out_dtype: torch.dtype = torch.float32, kernel: Literal["auto", "onednn", "fbgemm"] = "auto"):
+                 out_dtype: torch.dtype = torch.float32, kernel: Literal["auto", "onednn", "fbgemm"] = "auto",
+                 for_compile: bool = False):
         super().__init__()
         _check_activation(activation)
         if kernel not in ("auto", "onednn", "fbgemm"):
@@ -226,22 +231,28 @@ class DynamicInt8Linear(nn.Module):
             kernel = "onednn" if not reduce_range and onednn_int8_available() else "fbgemm"
         self.kernel = kernel
         if self.kernel == "onednn":
-            # (out, in), what a compiled forward packs: a buffer, so that freezing makes it (and its packing) a constant
-            self.register_buffer("weight_int8", _round_to_int8(weight, scales), persistent=False)
-            self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
+            # `for_compile`: the int8 (out, in) weight that the traced form packs, a buffer so that freezing makes it
+            # (and its packing) a constant; else the packed weight for the eager form. One of the two, not both.
+            weight_int8 = _round_to_int8(weight, scales)
+            self.register_buffer("weight_int8", weight_int8 if for_compile else None, persistent=False)
+            self.packed = None if for_compile else torch.ops.onednn.qlinear_prepack(weight_int8, None)
             self.weight_scales = scales
             self.weight_zero_points = torch.zeros(self.out_features, dtype=torch.int32)  # int32, as inductor keeps them
             self.bias = bias
-        else:
+        else:  # fbgemm's linear stays opaque to torch.compile: a graph break, compiled or not
+            self.register_buffer("weight_int8", None, persistent=False)
             zero_points = torch.zeros(self.out_features, dtype=torch.long)
             with _quantised_tensors_allowed():
                 qweight = torch.quantize_per_channel(weight, scales.double(), zero_points, axis=0, dtype=torch.qint8)
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kernel == "onednn" and torch.compiler.is_compiling():
-            return self._traced_forward(x)
-        return self._eager_forward(x)
+        if self.weight_int8 is None:  # fbgemm, or the oneDNN kernel packed for eager calls
+            return self._eager_forward(x)
+        if not torch.compiler.is_compiling():
+            raise RuntimeError("this int8 linear was built for torch.compile (for_compile=True) and runs only "
+                               "compiled; build it with for_compile=False to call it eagerly")
+        return self._traced_forward(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The oneDNN path as tensor ops that torch.compile captures whole: the activations' range and rounding
