@@ -208,8 +208,9 @@ class DynamicInt8Linear(nn.Module):
     with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise
     fbgemm's dynamic linear, which quantises internally, with GELU and the cast applied after it.
 
-    `for_compile=True` builds the oneDNN kernel's module for torch.compile only: it keeps the int8 weight for the
-    traced form (`_traced_forward`), which compiling with freezing packs once, and refuses eager calls.
+    `for_compile=True` builds the oneDNN kernel's module for torch.compile: it keeps the int8 weight for the
+    traced form (`_traced_forward`), which compiling with freezing packs once, and packs it for eager calls only
+    if one comes.
     """
 
     def __init__(self, linear: nn.Linear, reduce_range: bool, activation: Literal["none", "gelu"] = "none",
@@ -247,12 +248,9 @@ class DynamicInt8Linear(nn.Module):
             self.packed = torch.ops.quantized.linear_prepack(qweight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight_int8 is None:  # fbgemm, or the oneDNN kernel packed for eager calls
-            return self._eager_forward(x)
-        if not torch.compiler.is_compiling():
-            raise RuntimeError("this int8 linear was built for torch.compile (for_compile=True) and runs only "
-                               "compiled; build it with for_compile=False to call it eagerly")
-        return self._traced_forward(x)
+        if self.weight_int8 is not None and torch.compiler.is_compiling():
+            return self._traced_forward(x)
+        return self._eager_forward(x)
 
     def _traced_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The oneDNN path as tensor ops that torch.compile captures whole: the activations' range and rounding
@@ -274,6 +272,10 @@ class DynamicInt8Linear(nn.Module):
         if self.kernel == "fbgemm":
             out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)  # (..., out)
             return (F.gelu(out) if self.activation == "gelu" else out).to(self.out_dtype)
+        if self.packed is None:
+            # Built for compile but called eagerly: dynamo runs a frame eagerly once it has compiled it too often
+            # (its recompile limit, 8 in torch 2.14; each compiled model is another entry), so pack now.
+            self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
         rows = x.reshape(-1, self.in_features)  # (N, in)
         x_uint8, x_scale, x_zero_point = _quantise_activations(rows)
         out = torch.ops.onednn.qlinear_pointwise(
