@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/inference_accuracy.py --weights W --data D
 
 The default weights are what `benchmarks/train_recipe.py` trains (runs/bench-default/model.safetensors).
-Every mode of vitkit.inference_modes, with and without torch.compile, classifies the whole test split, and so do
+Every mode of vitkit.inference_modes, with and without torch.compile (int8 also calibrated on the first 1,000
+training images, as `vitkit calibrate` does), classifies the whole test split, and so do
 the contenders of benchmarks/speed.py that run the exported model (ONNX Runtime fp32 and dynamic int8; OpenVINO
 fp32, bf16 and NNCF int8 where installed; `--no-exported` leaves them out), built as the speed harness builds them
 except that OpenVINO's int8 is calibrated on 1,000 training images rather than random ones;
@@ -24,7 +25,9 @@ from provenance import header_lines, provenance, result_base, write_json
 
 from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
-from vitkit.inference_modes import MODES, InferenceModel, fastest_inference_mode
+from vitkit.inference_modes import MODES, InferenceModel, fastest_inference_mode, onednn_int8_available
+from vitkit.int8_calibration import calibrate_int8
+from vitkit.runtime import cpu_has_vnni
 
 GOALS = {"agreement_at_least": 0.995, "accuracy_within_points": 0.2}
 BATCH = 500
@@ -80,14 +83,19 @@ def main() -> int:
     runners = {precision + (" + compile" if compiled else ""):
                (lambda p=precision, c=compiled: InferenceModel(model, p, c))
                for compiled in ((False,) if args.no_compile else (False, True)) for precision in MODES}
+    # Calibrated as a deployer would: on training images (the first 1,000), vitkit's int8 as OpenVINO's.
+    calibration = torch.stack([transform(data.train[i][0]) for i in range(min(1000, len(data.train)))])
+    if onednn_int8_available() and cpu_has_vnni():
+        ranges = calibrate_int8(model, calibration)
+        runners.update({"int8 calibrated" + (" + compile" if compiled else ""):
+                        (lambda c=compiled: InferenceModel(model, "int8", c, int8_calibration=ranges))
+                        for compiled in ((False,) if args.no_compile else (False, True))})
     if not args.no_exported:
         from speed import exported_contenders, openvino_unavailable
 
         missing = openvino_unavailable()
         if missing:
             print(f"OpenVINO contenders left out: {missing}", flush=True)
-        # OpenVINO's int8 is calibrated as a deployer would: on training images (the first 1,000, in batches of 500).
-        calibration = torch.stack([transform(data.train[i][0]) for i in range(min(1000, len(data.train)))])
         exported = exported_contenders(model, True, missing is None, BATCH, calibration)
         runners.update({name: (lambda run=run: run) for name, run in exported.items()})
     reference = fp32_top1 = None

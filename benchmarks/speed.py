@@ -60,7 +60,9 @@ from provenance import header_lines, provenance, result_base, write_json
 import vitkit
 from vitkit import allocator
 from vitkit.export import INSTALL_HINT, export_onnx, needs_external_data, quantise_int8
-from vitkit.inference_modes import InferenceModel, fastest_inference_mode
+from vitkit.inference_modes import InferenceModel, fastest_inference_mode, onednn_int8_available
+from vitkit.int8_calibration import calibrate_int8
+from vitkit.runtime import cpu_has_vnni
 from vitkit.train.compile import compile_for_training
 
 SIZES = {"Ti/16": ("tiny", 192, 12, 3, 768), "S/16": ("small", 384, 12, 6, 1536), "B/16": ("base", 768, 12, 12, 3072)}
@@ -208,6 +210,12 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
+    if onednn_int8_available() and cpu_has_vnni():
+        # int8 with its activation ranges measured beforehand, on the random images OpenVINO's int8 is calibrated on
+        calibration = calibrate_int8(model, random_calibration_images((batch, 3, 224, 224)))
+        for compiled in (False, True) if with_compile else (False,):
+            contenders["vitkit int8 calibrated" + (" + compile" if compiled else "")] = InferenceModel(
+                model, "int8", compile=compiled, int8_calibration=calibration)
     if with_onnx or with_openvino:
         contenders.update(exported_contenders(model, with_onnx, with_openvino, batch))
 
@@ -286,8 +294,7 @@ def openvino_contenders(onnx_file: Path, shape: tuple[int, int, int, int],
         compiled = core.compile_model(model, "CPU", {**settings, "INFERENCE_PRECISION_HINT": precision})
         contenders[name] = _openvino_runner(compiled)
     if calibration is None:
-        generator = torch.Generator().manual_seed(3)
-        calibration = torch.randn(max(1, 32 // shape[0]) * shape[0], *shape[1:], generator=generator)
+        calibration = random_calibration_images(shape)
     batches = [calibration[i:i + shape[0]].numpy() for i in range(0, len(calibration) - shape[0] + 1, shape[0])]
     if not batches:
         raise ValueError(f"OpenVINO's int8 calibration needs at least one batch of {shape[0]} images, got "
@@ -296,6 +303,13 @@ def openvino_contenders(onnx_file: Path, shape: tuple[int, int, int, int],
                               subset_size=len(batches))
     contenders["openvino int8"] = _openvino_runner(core.compile_model(quantised, "CPU", settings))
     return contenders
+
+
+def random_calibration_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
+    """The images OpenVINO's int8 and vitkit's calibrated int8 are calibrated on when no real ones are given: 32
+    (a whole number of batches of `shape`'s batch) normal random ones of `shape`'s image size, the same every run."""
+    generator = torch.Generator().manual_seed(3)
+    return torch.randn(max(1, 32 // shape[0]) * shape[0], *shape[1:], generator=generator)
 
 
 def _openvino_runner(compiled):
@@ -652,6 +666,16 @@ def runtime_goal_checks(entry: dict, ceiling: dict, within_bound: set[str] | Non
                                    f"{ratio:.2f}x {best['contender']} {best['images_per_s']:.1f}"
                                    + ("" if kept else f"; vitkit {auto['precision']} is outside the bound"),
                        "met": ratio >= 1.2 and kept})
+    calibrated = [r for name, r in rows.items() if name.startswith("vitkit int8 calibrated")
+                  and (within_bound is None or name in within_bound)]
+    if runtimes and calibrated:  # what a deployer who calibrates, as OpenVINO's int8 needs, gets from vitkit
+        best = max(runtimes, key=lambda r: r["images_per_s"])
+        ours = max(calibrated, key=lambda r: r["images_per_s"])
+        ratio = ours["images_per_s"] / best["images_per_s"]
+        checks.append({"goal": f"{where}: vitkit int8 calibrated (--int8_calibration) >= 1.2x the fastest ONNX Runtime "
+                               "/ OpenVINO mode" + ("" if within_bound is None else " within the accuracy bound"),
+                       "measured": f"{ours['contender']} {ours['images_per_s']:.1f} images/s, {ratio:.2f}x "
+                                   f"{best['contender']} {best['images_per_s']:.1f}", "met": ratio >= 1.2})
     runtime_fp32 = [r for r in runtimes if r["contender"].endswith("fp32")]
     if runtime_fp32 and "vitkit fp32" in rows:
         best = max(runtime_fp32, key=lambda r: r["images_per_s"])

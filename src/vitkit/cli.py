@@ -19,7 +19,8 @@ from jsonargparse import ActionConfigFile, ArgumentParser, set_parsing_settings
 
 from vitkit.export import ExportOptions, export_weights
 from vitkit.fewshot import FewShotOptions, few_shot_eval
-from vitkit.inference import EvalOptions, PredictOptions, evaluate_weights, predict_images
+from vitkit.inference import (CalibrateOptions, EvalOptions, PredictOptions, calibrate_weights, evaluate_weights,
+                              predict_images)
 from vitkit.inspection import InspectOptions, inspect_weights
 from vitkit.serve import ServeOptions, serve
 from vitkit.train.config import FinetuneConfig, PretrainConfig, TrainConfig, finetune_defaults, pretrain_defaults
@@ -70,6 +71,13 @@ def predict_command(opts: PredictOptions) -> int:
     return 0
 
 
+def calibrate_command(opts: CalibrateOptions) -> int:
+    """Measure int8 inference's activation ranges on dataset images once, for eval, predict and serve's
+    --int8_calibration (faster int8: no range to find at every call)."""
+    calibrate_weights(opts)
+    return 0
+
+
 def inspect_command(opts: InspectOptions) -> int:
     """Inspect what weights learned: patch-embedding filters, position embeddings, attention distance, rollout."""
     inspect_weights(opts)
@@ -117,6 +125,7 @@ COMMANDS: dict[str, Command] = {
     "fewshot": Command(fewshot_command, FewShotOptions),
     "eval": Command(eval_command, EvalOptions),
     "predict": Command(predict_command, PredictOptions, positional="images", flags=("--explain",)),
+    "calibrate": Command(calibrate_command, CalibrateOptions),
     "inspect": Command(inspect_command, InspectOptions, several=("--images", "--analyses")),
     "export": Command(export_command, ExportOptions, flags=("--dynamic", "--check", "--int8"),
                       several=("--check_sizes",)),

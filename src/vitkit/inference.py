@@ -14,6 +14,7 @@ from vitkit.atomic import atomic_write_text
 from vitkit.data import Transformed, eval_transform, load_dataset, load_image
 from vitkit.evaluation import EvalResult, evaluate
 from vitkit.inference_modes import InferenceModel
+from vitkit.int8_calibration import Int8Calibration, calibrate_int8
 from vitkit.model import ViT
 from vitkit.plots import plot_confusion
 from vitkit.runtime import Precision, resolve_device
@@ -32,6 +33,9 @@ class InferenceOptions:
     cast once); bf16-mixed (bf16 matmuls on fp32 weights); int8 (dynamically quantised linear layers, CPU only)."""
     compile: bool = False
     """torch.compile the model first (a slow first batch, faster ones after)."""
+    int8_calibration: str | None = None
+    """A file written by `vitkit calibrate` for these weights: int8 then quantises each layer's input over the
+    range measured there instead of measuring it at every call (faster; values outside it are clipped)."""
     keep_freed_memory: bool = True
     """On a CPU, let this process keep the memory it frees so that batches reuse it instead of faulting in fresh
     pages (glibc on Linux; vitkit.allocator). The process's memory then stays near its peak."""
@@ -69,6 +73,48 @@ class PredictOptions(InferenceOptions):
     """Directory for the --explain figures, <image name>_explained.png."""
 
 
+@dataclass
+class CalibrateOptions:
+    """Measure the activation ranges of int8 inference on dataset images, for `--int8_calibration`."""
+
+    weights: str = ""
+    """Weights to calibrate: a vitkit .safetensors file (or timm, HF or official weights)."""
+    data: str = "fashion-mnist"
+    """Dataset whose images to measure on: fashion-mnist, mnist-subset, digits, cifar10, cifar100, image-folder,
+    synthetic. Images like the ones the model will see: values outside the measured ranges are clipped."""
+    data_dir: str | None = None
+    """Where the dataset's files are (default: the dataset's usual places)."""
+    split: Literal["train", "val", "test"] = "train"
+    """The split to take images from (not the one you report accuracy on)."""
+    images: int = 1000
+    """How many images, the split's first ones."""
+    batch_size: int = 250
+    out: str | None = None
+    """The calibration file to write (default: next to the weights, <weights stem>.int8_calibration.json)."""
+    device: str = "auto"
+    """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'."""
+
+
+def calibrate_weights(opts: CalibrateOptions) -> Path:
+    """Write the int8 calibration of `opts.weights` measured on `opts.images` images of `opts.data`; its path."""
+    if opts.images < 1 or opts.batch_size < 1:
+        raise ValueError(f"--images and --batch_size must be at least 1, got {opts.images} and {opts.batch_size}")
+    device = resolve_device(opts.device)
+    model, preprocess = load_for_inference(opts.weights, device)
+    cfg = model.cfg
+    data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans)
+    split = getattr(data, opts.split)
+    transform = eval_transform(*normalisation(preprocess, cfg.in_chans), cfg.img_size)
+    count = min(opts.images, len(split))
+    batches = (torch.stack([transform(split[i][0]) for i in range(start, min(start + opts.batch_size, count))])
+               for start in range(0, count, opts.batch_size))
+    calibration = calibrate_int8(model, batches)
+    out = Path(opts.out) if opts.out else Path(opts.weights).with_suffix(".int8_calibration.json")
+    calibration.save(out)
+    print(f"int8 calibration of {opts.weights} on {count} {opts.data} {opts.split} images: {out}")
+    return out
+
+
 def load_for_inference(weights: str, device: torch.device) -> tuple[ViT, dict]:
     """The model in a weights file of any format vitkit reads, on `device` in eval mode, and its preprocessing."""
     if not weights:
@@ -90,7 +136,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
     if opts.batch_size < 1:
         raise ValueError(f"--batch_size must be at least 1, got {opts.batch_size}")
     classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
-                                 batch_size=opts.batch_size)
+                                 batch_size=opts.batch_size, int8_calibration=opts.int8_calibration)
     cfg = classifier.model.cfg
     data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans,
                         on_bad_image=opts.on_bad_image)
@@ -107,6 +153,7 @@ def evaluate_weights(opts: EvalOptions) -> EvalResult:
         out.mkdir(parents=True, exist_ok=True)
         report = {"weights": opts.weights, "data": opts.data, "split": opts.split, "precision": runner.precision,
                   "precision_asked": opts.precision, "compile": opts.compile,
+                  "int8_calibrated": runner.int8_calibrated,
                   **result.summary(), "confusion": result.confusion.tolist(), "class_names": data.class_names}
         atomic_write_text(out / f"eval_{opts.split}.json", json.dumps(report, indent=2) + "\n")
         plot_confusion(result.confusion, data.class_names, out / f"confusion_{opts.split}.png",
@@ -122,7 +169,7 @@ class ImageClassifier:
     """
 
     def __init__(self, weights: str, precision: Precision = "auto", compile: bool = False, device: str = "auto",
-                 keep_freed_memory: bool = False, batch_size: int = 16):
+                 keep_freed_memory: bool = False, batch_size: int = 16, int8_calibration: str | None = None):
         self.device = resolve_device(device)
         self.model, preprocess = load_for_inference(weights, self.device)
         cfg = self.model.cfg
@@ -133,7 +180,9 @@ class ImageClassifier:
         self.image_mode = "L" if cfg.in_chans == 1 else "RGB"
         """The mode images are decoded in ("L" grey or "RGB")."""
         self._transform = eval_transform(self.mean, self.std, cfg.img_size)
-        self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory, batch_size)
+        calibration = Int8Calibration.load(int8_calibration) if int8_calibration else None
+        self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory, batch_size,
+                                     int8_calibration=calibration)
         """The model in its inference mode; `batch_size` is the batch it mostly runs, at which "auto" is timed."""
         if self.runner.choice is not None:
             # On stderr: stdout holds the results, which scripts read.
@@ -166,7 +215,7 @@ def predict_images(opts: PredictOptions) -> list[list[tuple[str, float]]]:
         raise ValueError(f"--out {opts.out} exists and is not a directory")
     # One image per call: "auto" is timed at batch 1.
     classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
-                                 batch_size=1)
+                                 batch_size=1, int8_calibration=opts.int8_calibration)
     results = []
     taken: set[str] = set()
     for path in opts.images:

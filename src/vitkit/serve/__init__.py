@@ -23,7 +23,7 @@ def build_app(opts: ServeOptions):
 
     # Requests are gathered into batches of up to max_batch: "auto" is timed at that batch.
     classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
-                                 batch_size=opts.max_batch)
+                                 batch_size=opts.max_batch, int8_calibration=opts.int8_calibration)
     return create_app(classifier, opts)
 
 

@@ -1,0 +1,165 @@
+"""Calibrated (static) int8: ranges measured once, the product over them, the uint8 hand-over, the file, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import vitkit
+from randomised import randomise_
+from vitkit.cli import main
+from vitkit.inference_modes import CalibratedInt8Linear, InferenceModel, onednn_int8_available
+from vitkit.int8_calibration import Int8Calibration, calibrate_int8, linear_names
+from vitkit.model import create_model
+from vitkit.runtime import cpu_has_vnni
+
+needs_onednn_int8 = pytest.mark.skipif(not (onednn_int8_available() and cpu_has_vnni()),
+                                       reason="calibrated int8 runs on oneDNN's int8 linear with 256 levels (VNNI)")
+
+
+def levels(low: float, high: float) -> tuple[float, int]:
+    scale = (high - low) / 255
+    return scale, round(-low / scale)
+
+
+def rounded(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """x clipped to [low, high] and rounded onto its 256 levels, in float."""
+    scale, zero = levels(low, high)
+    return ((x / scale).round() + zero).clamp(0, 255).sub(zero) * scale
+
+
+@pytest.fixture(scope="module")
+def model_and_images():
+    model = randomise_(create_model("S/8", img_size=32, num_classes=10, depth=2), seed=3).eval()
+    images = torch.randn(24, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    return model, images
+
+
+def test_calibration_records_each_linears_input_range(model_and_images):
+    model, images = model_and_images
+    calibration = calibrate_int8(model, images, batch_size=10)  # batches of 10, 10 and 4
+    assert calibration.images == 24 and set(calibration.ranges) == set(linear_names(model))
+    assert len(calibration.ranges) == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block, and the head
+    assert all(low <= 0 <= high and high > low for low, high in calibration.ranges.values())
+    # Known answer: the head's input is the pooled, normalised representation.
+    with torch.no_grad():
+        pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
+    assert calibration.ranges["head"] == (min(pooled.min().item(), 0.0), max(pooled.max().item(), 0.0))
+    # Ranges over all images are the union of the ranges over any split of them.
+    first, second = calibrate_int8(model, images[:7]), calibrate_int8(model, images[7:])
+    for name, (low, high) in calibration.ranges.items():
+        assert low == min(first.ranges[name][0], second.ranges[name][0])
+        assert high == max(first.ranges[name][1], second.ranges[name][1])
+    assert not model.training
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("for_compile", [False, True])
+def test_calibrated_linear_computes_the_product_over_its_fixed_range(for_compile):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 48)
+    x = torch.randn(5, 7, 64) * 2 + 0.3
+    low, high = -1.5, 2.5  # narrower than x: values outside are clipped
+    w = linear.weight.detach()
+    w_scale = w.abs().amax(dim=1, keepdim=True) / 127
+    w_rounded = (w / w_scale).round().clamp(-128, 127) * w_scale
+    expected = torch.nn.functional.gelu(rounded(x, low, high) @ w_rounded.T + linear.bias.detach())  # (5, 7, 48)
+    fc1 = CalibratedInt8Linear(linear, (low, high), "gelu", for_compile=for_compile)
+    got = fc1(x)
+    assert got.shape == (5, 7, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # Handing over in uint8: the output rounded onto the next layer's levels inside the matmul.
+    out_low, out_high = -0.2, 1.0
+    handing = CalibratedInt8Linear(linear, (low, high), "gelu", output_range=(out_low, out_high))
+    as_uint8 = handing(x)
+    scale, zero = levels(out_low, out_high)
+    assert as_uint8.dtype == torch.uint8 and as_uint8.shape == (5, 7, 48)
+    expected_levels = ((expected / scale).round() + zero).clamp(0, 255)
+    assert (as_uint8.float() - expected_levels).abs().max() <= 1  # a tie of the float sums may round either way
+    assert (as_uint8.float() != expected_levels).float().mean() < 0.01
+    # The next layer takes those bytes as they are: the same as its float input rounded onto its levels.
+    fc2_linear = torch.nn.Linear(48, 16)
+    fc2 = CalibratedInt8Linear(fc2_linear, (out_low, out_high))
+    torch.testing.assert_close(fc2(as_uint8), fc2((as_uint8.float() - zero) * scale), atol=1e-5, rtol=0)
+
+
+@needs_onednn_int8
+def test_calibrated_int8_mode_hands_the_mlp_over_in_uint8_and_keeps_the_logits(model_and_images):
+    model, images = model_and_images
+    calibration = calibrate_int8(model, images)
+    with torch.no_grad():
+        reference = model(images)
+    dynamic = InferenceModel(model, "int8", int8_attention="fp32")
+    calibrated = InferenceModel(model, "int8", int8_attention="fp32", int8_calibration=calibration)
+    assert calibrated.int8_calibrated and not dynamic.int8_calibrated
+    block = calibrated.model.blocks[0]
+    assert block.mlp.fc1.emits_uint8 and not block.mlp.fc2.emits_uint8 and not block.attn.qkv.emits_uint8
+    assert block.mlp.fc1.output_scale == block.mlp.fc2.input_scale
+    logits = calibrated(images)
+    error = (logits - reference).abs().max() / reference.abs().max()
+    assert 0 < error <= 0.04  # int8's tolerance (tests/test_inference_modes.py)
+    assert not torch.equal(logits, dynamic(images))  # the calibrated ranges took effect
+
+
+@needs_onednn_int8
+def test_compiled_calibrated_int8_is_one_graph_with_the_eager_logits():
+    from torch._dynamo.utils import counters
+
+    model = randomise_(create_model("Ti/8", img_size=16, num_classes=5, depth=2), seed=3).eval()
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    calibration = calibrate_int8(model, images)
+    eager = InferenceModel(model, "int8", int8_attention="fp32", int8_calibration=calibration)(images)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = InferenceModel(model, "int8", compile=True, int8_attention="fp32", int8_calibration=calibration)
+    logits = compiled(images)
+    assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"]
+    torch.testing.assert_close(logits, eager, atol=1e-3 * eager.abs().max().item(), rtol=0)
+
+
+def test_calibration_file_round_trips_and_is_refused_for_another_model(model_and_images, tmp_path):
+    model, images = model_and_images
+    calibration = calibrate_int8(model, images[:4])
+    path = tmp_path / "cal.json"
+    calibration.save(path)
+    assert Int8Calibration.load(path) == calibration
+    other = create_model("S/8", img_size=32, num_classes=10, depth=3)
+    with pytest.raises(ValueError, match="measured on another model .*depth"):
+        InferenceModel(other, "int8", int8_calibration=calibration)
+    record = json.loads(path.read_text())
+    del record["ranges"]["head"]
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="no range for the linear layers head"):
+        Int8Calibration.load(path).check(model)
+    record["ranges"]["blocks.0.attn.qkv"] = [0.5, 1.0]  # does not span 0: not a range vitkit writes
+    path.write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="damaged int8 calibration file"):
+        Int8Calibration.load(path)
+    path.write_text("{")
+    with pytest.raises(ValueError, match=f"{path} is not a readable int8 calibration file"):
+        Int8Calibration.load(path)
+    with pytest.raises(ValueError, match="no int8 calibration file at"):
+        Int8Calibration.load(tmp_path / "missing.json")
+
+
+@needs_onednn_int8
+def test_calibrate_then_eval_with_the_file(tmp_path, capsys):
+    model = vitkit.create_model("Ti/4", img_size=16, in_chans=1, num_classes=10, width=32, depth=1, heads=2,
+                                mlp_dim=64)
+    weights = tmp_path / "tiny.safetensors"
+    vitkit.save_weights(model, weights)
+    assert main(["calibrate", "--weights", str(weights), "--data", "synthetic", "--images", "30",
+                 "--batch_size", "8", "--device", "cpu"]) == 0
+    written = tmp_path / "tiny.int8_calibration.json"
+    assert Int8Calibration.load(written).images == 30
+    out = tmp_path / "eval"
+    assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8",
+                 "--int8_calibration", str(written), "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads((out / "eval_test.json").read_text())
+    assert report["precision"] == "int8" and report["int8_calibrated"] is True
+    capsys.readouterr()
+    assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8",
+                 "--int8_calibration", str(tmp_path / "nope.json"), "--device", "cpu"]) == 2
+    assert "no int8 calibration file at" in capsys.readouterr().err
