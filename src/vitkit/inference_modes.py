@@ -16,7 +16,9 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
   activations per call, per tensor, over the full 8-bit range on CPUs with VNNI (7 bits elsewhere, where
   the int8 kernels would saturate), with the MLP's GELU fused into its first linear. The attention between
   the projections runs in bf16 or fp32, whichever this machine runs faster (timed once where the CPU has bf16
-  dot products, else fp32). CPU only.
+  dot products, else fp32). CPU only. With `int8_calibration` (vitkit.int8_calibration: each linear's input range
+  measured once on sample images) the activations are rounded onto those fixed levels instead, and the MLP's first
+  linear hands its GELU output to the second in uint8 (CalibratedInt8Linear).
 `compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after). Compiled, int8 is
 captured whole: each linear's activation quantisation becomes tensor ops that fuse with the LayerNorm or attention
 before it, the weights are packed once at compile time (freezing), and C++ calls the kernels. S/16 at batch 1
