@@ -128,6 +128,9 @@ def test_calibration_file_round_trips_and_is_refused_for_another_model(model_and
     other = create_model("S/8", img_size=32, num_classes=10, depth=3)
     with pytest.raises(ValueError, match="measured on another model .*depth"):
         InferenceModel(other, "int8", int8_calibration=calibration)
+    retrained = randomise_(create_model("S/8", img_size=32, num_classes=10, depth=2), seed=4).eval()
+    with pytest.raises(ValueError, match="measured on other weights of this architecture"):
+        InferenceModel(retrained, "int8", int8_calibration=calibration)
     record = json.loads(path.read_text())
     del record["ranges"]["head"]
     path.write_text(json.dumps(record))
@@ -144,22 +147,42 @@ def test_calibration_file_round_trips_and_is_refused_for_another_model(model_and
         Int8Calibration.load(tmp_path / "missing.json")
 
 
-@needs_onednn_int8
-def test_calibrate_then_eval_with_the_file(tmp_path, capsys):
+def tiny_weights(path, seed: int):
+    torch.manual_seed(seed)
     model = vitkit.create_model("Ti/4", img_size=16, in_chans=1, num_classes=10, width=32, depth=1, heads=2,
                                 mlp_dim=64)
-    weights = tmp_path / "tiny.safetensors"
-    vitkit.save_weights(model, weights)
+    vitkit.save_weights(model, path)
+    return path
+
+
+def eval_report(weights, out, *args) -> dict:
+    assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8", "--device", "cpu",
+                 "--out", str(out), *args]) == 0
+    return json.loads((out / "eval_test.json").read_text())
+
+
+@needs_onednn_int8
+def test_calibrate_then_eval_finds_the_file_beside_the_weights(tmp_path, capsys):
+    weights = tiny_weights(tmp_path / "tiny.safetensors", seed=0)
+    assert eval_report(weights, tmp_path / "before")["int8_calibrated"] is False
     assert main(["calibrate", "--weights", str(weights), "--data", "synthetic", "--images", "30",
                  "--batch_size", "8", "--device", "cpu"]) == 0
     written = tmp_path / "tiny.int8_calibration.json"
     assert Int8Calibration.load(written).images == 30
-    out = tmp_path / "eval"
-    assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8",
-                 "--int8_calibration", str(written), "--device", "cpu", "--out", str(out)]) == 0
-    report = json.loads((out / "eval_test.json").read_text())
-    assert report["precision"] == "int8" and report["int8_calibrated"] is True
+    capsys.readouterr()
+    assert eval_report(weights, tmp_path / "found")["int8_calibrated"] is True
+    assert f"int8 calibrated by {written}" in capsys.readouterr().err
+    assert eval_report(weights, tmp_path / "asked", "--int8_calibration", str(written))["int8_calibrated"] is True
+    assert eval_report(weights, tmp_path / "none", "--int8_calibration", "none")["int8_calibrated"] is False
+    # Trained again, the weights no longer fit the file beside them: it is ignored, with a warning, not an error.
+    tiny_weights(weights, seed=1)
+    with pytest.warns(UserWarning, match="ignoring .*tiny.int8_calibration.json .*other weights"):
+        assert eval_report(weights, tmp_path / "stale")["int8_calibrated"] is False
+    # Asked for by name, a file that does not fit or is not there is an error that names it.
     capsys.readouterr()
     assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8",
+                 "--int8_calibration", str(written), "--device", "cpu"]) == 2
+    assert "other weights of this architecture" in capsys.readouterr().err
+    assert main(["eval", "--weights", str(weights), "--data", "synthetic", "--precision", "int8",
                  "--int8_calibration", str(tmp_path / "nope.json"), "--device", "cpu"]) == 2
-    assert "no int8 calibration file at" in capsys.readouterr().err
+    assert f"no int8 calibration file at {tmp_path / 'nope.json'}" in capsys.readouterr().err

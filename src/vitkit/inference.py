@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -34,8 +35,10 @@ class InferenceOptions:
     compile: bool = False
     """torch.compile the model first (a slow first batch, faster ones after)."""
     int8_calibration: str | None = None
-    """A file written by `vitkit calibrate` for these weights: int8 then quantises each layer's input over the
-    range measured there instead of measuring it at every call (faster; values outside it are clipped)."""
+    """A file written by `vitkit calibrate` for these weights: int8 (and auto's int8) then quantises each layer's
+    input over the range measured there instead of measuring it at every call (faster; values outside it are
+    clipped). Default: <weights stem>.int8_calibration.json beside the weights if it is there and fits them (where
+    `vitkit calibrate` writes it); 'none': quantise at every call."""
     keep_freed_memory: bool = True
     """On a CPU, let this process keep the memory it frees so that batches reuse it instead of faulting in fresh
     pages (glibc on Linux; vitkit.allocator). The process's memory then stays near its peak."""
@@ -90,7 +93,8 @@ class CalibrateOptions:
     """How many images, the split's first ones."""
     batch_size: int = 250
     out: str | None = None
-    """The calibration file to write (default: next to the weights, <weights stem>.int8_calibration.json)."""
+    """The calibration file to write (default: beside the weights, <weights stem>.int8_calibration.json, where eval,
+    predict and serve find it)."""
     device: str = "auto"
     """'auto' (CUDA if present, else CPU), 'cpu' or 'cuda[:N]'."""
 
@@ -109,7 +113,7 @@ def calibrate_weights(opts: CalibrateOptions) -> Path:
     batches = (torch.stack([transform(split[i][0]) for i in range(start, min(start + opts.batch_size, count))])
                for start in range(0, count, opts.batch_size))
     calibration = calibrate_int8(model, batches)
-    out = Path(opts.out) if opts.out else Path(opts.weights).with_suffix(".int8_calibration.json")
+    out = Path(opts.out) if opts.out else default_calibration_path(opts.weights)
     calibration.save(out)
     print(f"int8 calibration of {opts.weights} on {count} {opts.data} {opts.split} images: {out}")
     return out
@@ -180,13 +184,17 @@ class ImageClassifier:
         self.image_mode = "L" if cfg.in_chans == 1 else "RGB"
         """The mode images are decoded in ("L" grey or "RGB")."""
         self._transform = eval_transform(self.mean, self.std, cfg.img_size)
-        calibration = Int8Calibration.load(int8_calibration) if int8_calibration else None
+        found = find_int8_calibration(weights, int8_calibration, self.model) if precision in ("int8", "auto") else None
+        calibration, calibration_file = found or (None, None)
         self.runner = InferenceModel(self.model, precision, compile, keep_freed_memory, batch_size,
                                      int8_calibration=calibration)
         """The model in its inference mode; `batch_size` is the batch it mostly runs, at which "auto" is timed."""
         if self.runner.choice is not None:
             # On stderr: stdout holds the results, which scripts read.
             print(f"precision auto: {self.runner.precision} ({self.runner.choice.reason})", file=sys.stderr, flush=True)
+
+        if self.runner.int8_calibrated:
+            print(f"int8 calibrated by {calibration_file}", file=sys.stderr, flush=True)
 
     def prepare(self, image: torch.Tensor) -> torch.Tensor:
         """A decoded uint8 image (C, H, W) of any size -> the model's normalised input (C, h, w)."""
@@ -200,6 +208,35 @@ class ImageClassifier:
         """The `k` most probable (class name, probability) of one image's `probs` (classes,), most probable first."""
         top = probs.topk(min(k, len(self.class_names)))
         return [(self.class_names[i], float(p)) for p, i in zip(top.values, top.indices.tolist())]
+
+
+def find_int8_calibration(weights: str, asked: str | None, model: ViT) -> tuple[Int8Calibration, Path] | None:
+    """The int8 calibration, and its file, to run `model` (loaded from `weights`) with: the one `asked` for
+    (ValueError if it does not fit), none for "none", else the one `vitkit calibrate` writes beside the weights if it
+    is there and fits them (one that does not, say from before the weights were trained again, is ignored with a
+    warning)."""
+    if asked == "none":
+        return None
+    if asked:
+        calibration = Int8Calibration.load(asked)
+        calibration.check(model)
+        return calibration, Path(asked)
+    beside = default_calibration_path(weights)
+    if not beside.is_file():
+        return None
+    try:
+        calibration = Int8Calibration.load(beside)
+        calibration.check(model)
+    except ValueError as err:
+        warnings.warn(f"ignoring {beside} ({err}); int8 quantises at every call", stacklevel=2)
+        return None
+    return calibration, beside
+
+
+def default_calibration_path(weights: str) -> Path:
+    """Where `vitkit calibrate` writes the calibration of `weights` unless told otherwise, and where eval, predict and
+    serve look for it: beside them, <weights stem>.int8_calibration.json."""
+    return Path(weights).with_suffix(".int8_calibration.json")
 
 
 @torch.no_grad()

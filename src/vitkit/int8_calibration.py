@@ -16,6 +16,7 @@ training images) and not noise.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,8 @@ class Int8Calibration:
     """How many images the ranges were measured on."""
     model: dict
     """The model's config (ViTConfig.to_dict()): a file measured on another architecture is refused."""
+    weights: str
+    """A digest of the linear layers' weights (`weights_digest`): ranges measured on other weights are refused."""
 
     def check(self, model: nn.Module) -> None:
         """Raise ValueError unless these ranges were measured on `model`'s architecture and cover its linears."""
@@ -47,6 +50,9 @@ class Int8Calibration:
             differing = sorted(key for key in set(self.model) | set(config) if self.model.get(key) != config.get(key))
             raise ValueError(f"this int8 calibration was measured on another model (its config differs in "
                              f"{', '.join(differing)}); run `vitkit calibrate` on these weights")
+        if self.weights != weights_digest(model):
+            raise ValueError("this int8 calibration was measured on other weights of this architecture (their "
+                             "digest differs): run `vitkit calibrate` on these weights")
         missing = sorted(set(linear_names(model)) - set(self.ranges))
         if missing:
             raise ValueError(f"this int8 calibration has no range for the linear layers {', '.join(missing[:3])}"
@@ -54,7 +60,7 @@ class Int8Calibration:
 
     def save(self, path: str | Path) -> None:
         record = {"format": FORMAT, "version": VERSION, "images": self.images, "model": self.model,
-                  "ranges": {name: list(bounds) for name, bounds in self.ranges.items()}}
+                  "weights": self.weights, "ranges": {name: list(bounds) for name, bounds in self.ranges.items()}}
         atomic_write_text(Path(path), json.dumps(record, indent=1) + "\n")
 
     @classmethod
@@ -75,11 +81,11 @@ class Int8Calibration:
                              f"version {VERSION}: write it again with `vitkit calibrate`")
         try:
             ranges = {str(name): _checked_range(bounds) for name, bounds in record["ranges"].items()}
-            images, model = int(record["images"]), dict(record["model"])
+            images, model, weights = int(record["images"]), dict(record["model"]), str(record["weights"])
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ValueError(f"{path} is a damaged int8 calibration file ({err}); write it again with "
                              "`vitkit calibrate`") from None
-        return cls(ranges, images, model)
+        return cls(ranges, images, model, weights)
 
 
 def _checked_range(bounds: object) -> tuple[float, float]:
@@ -126,7 +132,21 @@ def calibrate_int8(model: nn.Module, images: Iterable[torch.Tensor] | torch.Tens
         model.train(was_training)
     if count == 0:
         raise ValueError("no images to calibrate on")
-    return Int8Calibration({name: (lows[name], highs[name]) for name in lows}, count, _config_of(model))
+    return Int8Calibration({name: (lows[name], highs[name]) for name in lows}, count, _config_of(model),
+                           weights_digest(model))
+
+
+def weights_digest(model: nn.Module) -> str:
+    """SHA-256 over the names and fp32 bytes of `model`'s linear layers' weights and biases: equal for the same
+    weights however they were loaded, different for any other (0.06 s for S/16 on 2 cores)."""
+    digest = hashlib.sha256()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            for tensor in (module.weight, module.bias):
+                if tensor is not None:
+                    digest.update(name.encode())
+                    digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _config_of(model: nn.Module) -> dict:

@@ -49,7 +49,7 @@ def write_run_dir(cfg: TrainConfig) -> Path:
         for name in ("checkpoints", "tensorboard", "plots"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "results.json", "model.safetensors", "best.safetensors",
-                     "skipped_images.txt"):
+                     "model.int8_calibration.json", "best.int8_calibration.json", "skipped_images.txt"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(config_path, f"# vitkit {cfg.command()} --config " + str(config_path) + "\n"
