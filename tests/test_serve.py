@@ -298,3 +298,17 @@ def test_the_command_line_does_not_load_the_web_stack():
     code = "import sys, vitkit.cli; print(any(m.split('.')[0] in ('fastapi', 'uvicorn') for m in sys.modules))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("compile, max_batch, warmed", [(True, 8, [1, 2]), (True, 1, [1]), (False, 8, [])])
+def test_a_compiled_server_compiles_before_it_opens(weights, monkeypatch, compile, max_batch, warmed):
+    # torch compiles batch 1 apart and one graph for every larger batch: after batches 1 and 2 no request waits.
+    from vitkit.inference import ImageClassifier
+
+    seen = []
+    original = ImageClassifier.probabilities
+    monkeypatch.setattr(ImageClassifier, "probabilities",
+                        lambda self, images: seen.append(images.shape) or original(self, images))
+    monkeypatch.setattr(torch, "compile", lambda model, **_: model)  # the calls, not the compilation, are checked
+    build_app(ServeOptions(weights=str(weights), precision="fp32", compile=compile, max_batch=max_batch))
+    assert seen == [(n, 1, 28, 28) for n in warmed]

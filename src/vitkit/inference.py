@@ -204,6 +204,13 @@ class ImageClassifier:
         """(B, C, h, w) prepared images -> (B, classes) class probabilities."""
         return self.runner(images.to(self.device)).softmax(-1)
 
+    def warm_up(self, batch_sizes: tuple[int, ...]) -> None:
+        """Run a batch of each size once, so that a compiled model compiles now rather than at the first request:
+        torch compiles batch 1 apart and one graph for every larger size, so (1, 2) covers them all."""
+        cfg = self.model.cfg
+        for size in batch_sizes:
+            self.probabilities(torch.zeros(size, cfg.in_chans, *cfg.img_size))
+
     def ranked(self, probs: torch.Tensor, k: int) -> list[tuple[str, float]]:
         """The `k` most probable (class name, probability) of one image's `probs` (classes,), most probable first."""
         top = probs.topk(min(k, len(self.class_names)))

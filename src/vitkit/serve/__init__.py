@@ -24,6 +24,11 @@ def build_app(opts: ServeOptions):
     # Requests are gathered into batches of up to max_batch: "auto" is timed at that batch.
     classifier = ImageClassifier(opts.weights, opts.precision, opts.compile, opts.device, opts.keep_freed_memory,
                                  batch_size=opts.max_batch, int8_calibration=opts.int8_calibration)
+    if opts.compile:
+        # Before the port opens: otherwise the first requests would wait for the compilation (40-60 s for S/16 on
+        # 2 cores), and the first batch of another size for a second one.
+        print("compiling the model for batch 1 and larger batches before serving ...", flush=True)
+        classifier.warm_up((1, 2) if opts.max_batch > 1 else (1,))
     return create_app(classifier, opts)
 
 
