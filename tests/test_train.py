@@ -233,6 +233,14 @@ def test_cli_train_eval_predict_end_to_end(tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["model"]["width"] == 32 and saved["data"]["dataset"] == "synthetic"
     assert (run / "tensorboard").is_dir() and any((run / "tensorboard").iterdir())
+    # int8's activation ranges, measured on the final weights, wait beside them for eval, predict and serve.
+    from vitkit.data import load_dataset
+    from vitkit.int8_calibration import Int8Calibration
+    from vitkit.weights import load_pretrained
+
+    calibration = Int8Calibration.load(run / "model.int8_calibration.json")
+    calibration.check(load_pretrained(str(run / "model.safetensors"))[0])
+    assert calibration.images == min(1000, len(load_dataset("synthetic").train))
 
     done = subprocess.run(cli + ["eval", "--weights", str(run / "model.safetensors"), "--data", "synthetic",
                                  "--precision", "fp32"], capture_output=True, text=True, timeout=300)

@@ -30,6 +30,7 @@ from vitkit.data import batch_mixer, collate_skip_none, evaluation_set, load_dat
 from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.splits import training_subset
 from vitkit.fastest_mode import fastest_training_precision, training_candidates
+from vitkit.int8_calibration import calibrate_int8
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
 from vitkit.train import distributed
@@ -542,9 +543,28 @@ def finish(run: Run) -> TrainResult:
     elif run.cfg.run.max_steps:
         print(f"stopped at step {p.step} of {run.total_steps} (--run.max_steps); continue with --run.resume")
     run.log.close()
+    if run.cfg.run.int8_calibration_images > 0 and getattr(run.eval_model.cfg, "num_classes", 0) > 0:
+        _write_int8_calibration(run)
     _write_report(run, test, seconds)
     return TrainResult(run.run_dir, p.step, run.val.result if run.val else None, test.result if test else None,
                        seconds, run.skipped_steps)
+
+
+def _write_int8_calibration(run: Run) -> None:
+    """model.int8_calibration.json: the final weights' int8 activation ranges over the first training images, seen
+    as at evaluation (vitkit.int8_calibration). After the test evaluation, and drawing no random numbers."""
+    model, data = run.eval_model, run.data
+    images = evaluation_set(data.train, data.mean, data.std, model.cfg.img_size)
+    count = min(run.cfg.run.int8_calibration_images, len(images))
+    batches = ([item[0] for item in map(images.__getitem__, range(start, min(start + 250, count)))
+                if item is not None]  # None: an unreadable image, skipped (--data.on_bad_image skip)
+               for start in range(0, count, 250))
+    try:
+        calibration = calibrate_int8(model, (torch.stack(batch) for batch in batches if batch))
+    except ValueError as err:  # no readable image among them: the run itself is done and kept
+        print(f"no int8 calibration written ({err})")
+        return
+    calibration.save(run.run_dir / "model.int8_calibration.json")
 
 
 def _write_report(run: Run, test: Evaluation | None, seconds: float) -> None:
