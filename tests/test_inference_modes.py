@@ -126,6 +126,19 @@ def test_int8_modes_attention_is_fp32_without_bf16_and_else_the_timed_faster(mon
         assert not (tmp_path / "fastest_mode.json").exists()
 
 
+def test_compiled_int8_times_its_attention_choice_eagerly(monkeypatch):
+    # Compiling both attention forms only to time them tripled the wait for a compiled model's first answer.
+    asked = []
+
+    def choice(model, device, batch_size=16, compile=False, cache=None, int8_calibration=None):
+        asked.append(compile)
+        return inference_modes.fastest_mode.ModeChoice("fp32", "test")
+
+    monkeypatch.setattr(inference_modes, "int8_attention_choice", choice)
+    InferenceModel(create_model("Ti/8", img_size=16, num_classes=3, depth=1), "int8", compile=True)
+    assert asked == [False]
+
+
 @pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
 @pytest.mark.parametrize("activation,out_dtype", [("none", torch.float32), ("gelu", torch.float32),
                                                   ("none", torch.bfloat16)])
