@@ -131,6 +131,7 @@ def test_overlay_image_blends_the_peak_in_the_colour_map():
 def test_healthz_and_the_page(client, weights):
     health = client.get("/healthz").json()
     assert health["status"] == "ok" and health["classes"] == CLASSES and health["precision"] == "fp32"
+    assert health["int8_calibrated"] is False
     assert health["image_size"] == [28, 28] and health["channels"] == 1 and health["weights"] == str(weights)
     page = client.get("/")
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
