@@ -10,7 +10,7 @@ import torch
 import vitkit
 from randomised import randomise_
 from vitkit.cli import main
-from vitkit.inference_modes import CalibratedInt8Linear, InferenceModel, onednn_int8_available
+from vitkit.inference_modes import CalibratedInt8Linear, InferenceModel, Int8PatchProjection, onednn_int8_available
 from vitkit.int8_calibration import Int8Calibration, calibrate_int8, linear_names
 from vitkit.model import create_model
 from vitkit.runtime import cpu_has_vnni
@@ -40,10 +40,12 @@ def model_and_images():
 def test_calibration_records_each_linears_input_range(model_and_images):
     model, images = model_and_images
     calibration = calibrate_int8(model, images, batch_size=10)  # batches of 10, 10 and 4
-    assert calibration.images == 24 and set(calibration.ranges) == set(linear_names(model))
-    assert len(calibration.ranges) == 2 * 4 + 1  # qkv, proj, fc1, fc2 per block, and the head
+    assert calibration.images == 24 and set(calibration.ranges) == set(linear_names(model)) | {"patch_embed.proj"}
+    assert len(calibration.ranges) == 2 * 4 + 1 + 1  # qkv, proj, fc1, fc2 per block, the head, the patch projection
     assert all(low <= 0 <= high and high > low for low, high in calibration.ranges.values())
-    # Known answer: the head's input is the pooled, normalised representation.
+    # Known answers: the patch projection's input is the images themselves ...
+    assert calibration.ranges["patch_embed.proj"] == (min(images.min().item(), 0.0), max(images.max().item(), 0.0))
+    # ... and the head's input is the pooled, normalised representation.
     with torch.no_grad():
         pooled = model.forward_head(model.forward_features(images), pre_logits=True)  # (B, D)
     assert calibration.ranges["head"] == (min(pooled.min().item(), 0.0), max(pooled.max().item(), 0.0))
@@ -83,6 +85,33 @@ def test_calibrated_linear_computes_the_product_over_its_fixed_range(for_compile
     fc2_linear = torch.nn.Linear(48, 16)
     fc2 = CalibratedInt8Linear(fc2_linear, (out_low, out_high))
     torch.testing.assert_close(fc2(as_uint8), fc2((as_uint8.float() - zero) * scale), atol=1e-5, rtol=0)
+
+
+@needs_onednn_int8
+@pytest.mark.parametrize("for_compile", [False, True])
+def test_int8_patch_projection_is_the_convolution_of_the_rounded_image(for_compile):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 16, kernel_size=4, stride=4)
+    x = torch.randn(2, 3, 18, 21)  # ragged edges, which the convolution drops
+    low, high = -2.0, 2.5
+    w = conv.weight.detach()  # (16, 3, 4, 4), one scale per output channel
+    w_scale = w.abs().amax(dim=(1, 2, 3), keepdim=True) / 127
+    w_rounded = (w / w_scale).round().clamp(-128, 127) * w_scale
+    expected = torch.nn.functional.conv2d(rounded(x, low, high), w_rounded, conv.bias.detach(), stride=4)
+    got = Int8PatchProjection(conv, (low, high), for_compile=for_compile)(x)
+    assert got.shape == expected.shape == (2, 16, 4, 5)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+@needs_onednn_int8
+def test_the_patch_projection_runs_in_int8_when_calibrated_and_in_float_without_its_range(model_and_images):
+    model, images = model_and_images
+    calibration = calibrate_int8(model, images)
+    inner = InferenceModel(model, "int8", int8_calibration=calibration).model
+    assert isinstance(inner.patch_embed.proj, Int8PatchProjection)
+    ranges = {name: bounds for name, bounds in calibration.ranges.items() if name != "patch_embed.proj"}
+    older = Int8Calibration(ranges, calibration.images, calibration.model, calibration.weights)
+    assert isinstance(InferenceModel(model, "int8", int8_calibration=older).model.patch_embed.proj, torch.nn.Conv2d)
 
 
 @needs_onednn_int8

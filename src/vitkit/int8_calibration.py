@@ -33,7 +33,8 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Int8Calibration:
-    """The input range (low <= 0 <= high) of every linear layer of one model, by the layer's qualified name."""
+    """The input range (low <= 0 <= high) of every linear layer of one model, and of its patch projection (absent in
+    files from before it was quantised: it then stays in float), by the layer's qualified name."""
 
     ranges: dict[str, tuple[float, float]]
     images: int
@@ -100,11 +101,30 @@ def linear_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
+PATCH_PROJECTION = "patch_embed.proj"
+"""The patch embedding's convolution, which calibrated int8 runs as an int8 linear over the patches."""
+
+
+def is_patch_projection(module: nn.Module) -> bool:
+    """Whether `module` cuts its input into non-overlapping patches and projects each (a Conv2d whose stride is its
+    kernel, without padding, dilation or groups): then it is a linear layer over the flattened patches."""
+    return (isinstance(module, nn.Conv2d) and module.stride == module.kernel_size and module.padding == (0, 0)
+            and module.dilation == (1, 1) and module.groups == 1)
+
+
+def quantised_names(model: nn.Module) -> list[str]:
+    """The layers calibrated int8 quantises: every nn.Linear, and the patch projection where it is one."""
+    projection = dict(model.named_modules()).get(PATCH_PROJECTION)
+    return linear_names(model) + ([PATCH_PROJECTION] if projection is not None
+                                  and is_patch_projection(projection) else [])
+
+
 @torch.no_grad()
 def calibrate_int8(model: nn.Module, images: Iterable[torch.Tensor] | torch.Tensor,
                    batch_size: int = 250) -> Int8Calibration:
-    """Measure every linear layer's input range on `images`: one (N, C, H, W) tensor, cut into batches of
-    `batch_size`, or an iterable of such batches. The fp32 model runs in eval mode; the model is left as it was."""
+    """Measure the input range of every linear layer and of the patch projection (`quantised_names`) on `images`:
+    one (N, C, H, W) tensor, cut into batches of `batch_size`, or an iterable of such batches. The fp32 model runs in
+    eval mode; the model is left as it was."""
     batches = images.split(batch_size) if isinstance(images, torch.Tensor) else images
     device = next(model.parameters()).device
     lows: dict[str, float] = {}
@@ -118,7 +138,7 @@ def calibrate_int8(model: nn.Module, images: Iterable[torch.Tensor] | torch.Tens
         return hook
 
     modules = dict(model.named_modules())
-    hooks = [modules[name].register_forward_pre_hook(record(name)) for name in linear_names(model)]
+    hooks = [modules[name].register_forward_pre_hook(record(name)) for name in quantised_names(model)]
     was_training = model.training
     count = 0
     try:
@@ -137,15 +157,15 @@ def calibrate_int8(model: nn.Module, images: Iterable[torch.Tensor] | torch.Tens
 
 
 def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the names and fp32 bytes of `model`'s linear layers' weights and biases: equal for the same
-    weights however they were loaded, different for any other (0.06 s for S/16 on 2 cores)."""
+    """SHA-256 over the names and fp32 bytes of the weights and biases of the layers calibrated int8 quantises: equal
+    for the same weights however they were loaded, different for any other (0.06 s for S/16 on 2 cores)."""
     digest = hashlib.sha256()
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear):
-            for tensor in (module.weight, module.bias):
-                if tensor is not None:
-                    digest.update(name.encode())
-                    digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    modules = dict(model.named_modules())
+    for name in quantised_names(model):
+        for tensor in (modules[name].weight, modules[name].bias):
+            if tensor is not None:
+                digest.update(name.encode())
+                digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -63,7 +63,8 @@ def create_app(classifier: ImageClassifier, opts: ServeOptions) -> FastAPI:
         """Whether the server is up, and what it serves."""
         cfg = classifier.model.cfg
         return {"status": "ok", "weights": opts.weights, "precision": classifier.runner.precision,
-                "int8_calibrated": classifier.runner.int8_calibrated, "image_size": list(cfg.img_size), "channels": cfg.in_chans, "classes": classifier.class_names}
+                "int8_calibrated": classifier.runner.int8_calibrated, "image_size": list(cfg.img_size),
+                "channels": cfg.in_chans, "classes": classifier.class_names}
 
     @app.get("/stats")
     def stats() -> dict:
