@@ -199,9 +199,9 @@ class RunOptions:
     max_steps: int | None = None
     """Stop after this many steps (for smoke tests; the schedule still spans all epochs)."""
     int8_calibration_images: int = 1000
-    """At the end, measure int8 inference's activation ranges on this many training images (as evaluation shows
-    them) and write them beside the weights (model.int8_calibration.json), where eval, predict and serve find them:
-    their int8 then runs faster (`vitkit calibrate`). 0: do not."""
+    """At the end of a finished run of a ViT classifier, measure int8 inference's activation ranges on this many
+    training images (as evaluation shows them) and write them beside the weights (model.int8_calibration.json), where
+    eval, predict and serve find them: their int8 then runs faster (`vitkit calibrate`). 0: do not."""
 
 
 @dataclass

@@ -31,6 +31,7 @@ from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.splits import training_subset
 from vitkit.fastest_mode import fastest_training_precision, training_candidates
 from vitkit.int8_calibration import calibrate_int8
+from vitkit.model import ViT
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
 from vitkit.train import distributed
@@ -543,7 +544,9 @@ def finish(run: Run) -> TrainResult:
     elif run.cfg.run.max_steps:
         print(f"stopped at step {p.step} of {run.total_steps} (--run.max_steps); continue with --run.resume")
     run.log.close()
-    if run.cfg.run.int8_calibration_images > 0 and getattr(run.eval_model.cfg, "num_classes", 0) > 0:
+    # For a finished ViT classifier: int8 inference is for classifying, and a run stopped early will change.
+    if (run.cfg.run.int8_calibration_images > 0 and p.step >= run.total_steps and isinstance(run.eval_model, ViT)
+            and run.eval_model.cfg.num_classes > 0):
         _write_int8_calibration(run)
     _write_report(run, test, seconds)
     return TrainResult(run.run_dir, p.step, run.val.result if run.val else None, test.result if test else None,
