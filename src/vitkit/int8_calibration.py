@@ -11,7 +11,8 @@ training images) and not noise.
     calibration.save("int8_calibration.json")
     InferenceModel(model, "int8", int8_calibration=Int8Calibration.load("int8_calibration.json"))
 
-`vitkit calibrate` writes the file from a dataset; `--int8_calibration FILE` runs eval, predict and serve with it.
+`vitkit calibrate` writes the file from a dataset beside the weights, and `vitkit train` at the end of a run; eval,
+predict and serve use the file they find there, or the one `--int8_calibration FILE` names.
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ VERSION = 1
 
 @dataclass(frozen=True)
 class Int8Calibration:
-    """The input range (low <= 0 <= high) of every linear layer of one model, and of its patch projection (absent in
-    files from before it was quantised: it then stays in float), by the layer's qualified name."""
+    """The input range (low <= 0 <= high) of every linear layer of one model and of its patch projection (where it
+    has one, `quantised_names`), by the layer's qualified name. Without the patch projection's range, int8 leaves it
+    in float."""
 
     ranges: dict[str, tuple[float, float]]
     images: int
@@ -42,7 +44,7 @@ class Int8Calibration:
     model: dict
     """The model's config (ViTConfig.to_dict()): a file measured on another architecture is refused."""
     weights: str
-    """A digest of the linear layers' weights (`weights_digest`): ranges measured on other weights are refused."""
+    """A digest of the quantised layers' weights (`weights_digest`): ranges measured on other weights are refused."""
 
     def check(self, model: nn.Module) -> None:
         """Raise ValueError unless these ranges were measured on `model`'s architecture and cover its linears."""
