@@ -15,7 +15,7 @@ from vitkit.atomic import atomic_write_text
 from vitkit.data import Transformed, eval_transform, load_dataset, load_image
 from vitkit.evaluation import EvalResult, evaluate
 from vitkit.inference_modes import InferenceModel
-from vitkit.int8_calibration import Int8Calibration, calibrate_int8
+from vitkit.int8_calibration import Int8Calibration, calibrate_int8, first_images
 from vitkit.model import ViT
 from vitkit.plots import plot_confusion
 from vitkit.runtime import Precision, resolve_device
@@ -108,11 +108,9 @@ def calibrate_weights(opts: CalibrateOptions) -> Path:
     cfg = model.cfg
     data = load_dataset(opts.data, data_dir=opts.data_dir, image_size=cfg.img_size, in_chans=cfg.in_chans)
     split = getattr(data, opts.split)
-    transform = eval_transform(*normalisation(preprocess, cfg.in_chans), cfg.img_size)
+    images = Transformed(split, eval_transform(*normalisation(preprocess, cfg.in_chans), cfg.img_size))
     count = min(opts.images, len(split))
-    batches = (torch.stack([transform(split[i][0]) for i in range(start, min(start + opts.batch_size, count))])
-               for start in range(0, count, opts.batch_size))
-    calibration = calibrate_int8(model, batches)
+    calibration = calibrate_int8(model, first_images(images, count, opts.batch_size))
     out = Path(opts.out) if opts.out else default_calibration_path(opts.weights)
     calibration.save(out)
     print(f"int8 calibration of {opts.weights} on {count} {opts.data} {opts.split} images: {out}")
@@ -218,16 +216,14 @@ class ImageClassifier:
 
 
 def find_int8_calibration(weights: str, asked: str | None, model: ViT) -> tuple[Int8Calibration, Path] | None:
-    """The int8 calibration, and its file, to run `model` (loaded from `weights`) with: the one `asked` for
-    (ValueError if it does not fit), none for "none", else the one `vitkit calibrate` writes beside the weights if it
-    is there and fits them (one that does not, say from before the weights were trained again, is ignored with a
-    warning)."""
+    """The int8 calibration, and its file, to run `model` (loaded from `weights`) with: the one `asked` for (which
+    InferenceModel refuses if it does not fit), none for "none", else the one `vitkit calibrate` writes beside the
+    weights if it is there and fits them (one that does not, say from before the weights were trained again, is
+    ignored with a warning)."""
     if asked == "none":
         return None
-    if asked:
-        calibration = Int8Calibration.load(asked)
-        calibration.check(model)
-        return calibration, Path(asked)
+    if asked:  # InferenceModel checks that it fits
+        return Int8Calibration.load(asked), Path(asked)
     beside = default_calibration_path(weights)
     if not beside.is_file():
         return None

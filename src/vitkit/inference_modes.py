@@ -42,7 +42,7 @@ from torch.nn import functional as F
 
 from vitkit import fastest_mode
 from vitkit.allocator import keep_freed_memory as _keep_freed_memory
-from vitkit.int8_calibration import PATCH_PROJECTION, Int8Calibration, is_patch_projection
+from vitkit.int8_calibration import PATCH_PROJECTION, Int8Calibration, quantised_names
 from vitkit.model.vit import Attention, Mlp
 from vitkit.runtime import Precision, autocast, cpu_has_native_bf16, cpu_has_vnni, resolve_precision
 
@@ -100,10 +100,10 @@ class InferenceModel(nn.Module):
                 _swap_linears(inner, lambda linear, activation, is_qkv, name, feeds: CalibratedInt8Linear(
                     linear, ranges[name], activation, attention_dtype if is_qkv else torch.float32,
                     output_range=ranges[feeds] if feeds else None, for_compile=compile))
-                projection = dict(inner.named_modules()).get(PATCH_PROJECTION)
-                if PATCH_PROJECTION in ranges and projection is not None and is_patch_projection(projection):
-                    inner.get_submodule(PATCH_PROJECTION.rpartition(".")[0]).proj = Int8PatchProjection(
-                        projection, ranges[PATCH_PROJECTION], for_compile=compile)
+                if PATCH_PROJECTION in ranges and PATCH_PROJECTION in quantised_names(inner):
+                    parent, _, attribute = PATCH_PROJECTION.rpartition(".")
+                    setattr(inner.get_submodule(parent), attribute, Int8PatchProjection(
+                        inner.get_submodule(PATCH_PROJECTION), ranges[PATCH_PROJECTION], for_compile=compile))
             else:
                 _swap_linears(inner, lambda linear, activation, is_qkv, *_: DynamicInt8Linear(
                     linear, reduce_range, activation, attention_dtype if is_qkv else torch.float32,

@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from vitkit.atomic import atomic_write_text
 
@@ -169,6 +170,17 @@ def weights_digest(model: nn.Module) -> str:
                 digest.update(name.encode())
                 digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
+
+
+def first_images(images: Dataset, count: int, batch_size: int = 250) -> Iterator[torch.Tensor]:
+    """The first `count` images of a dataset of (image, label) items, stacked in batches of `batch_size`, for
+    `calibrate_int8`; an item None (an unreadable image the dataset skipped) is left out."""
+    end = min(count, len(images))
+    for start in range(0, end, batch_size):
+        batch = [item[0] for item in map(images.__getitem__, range(start, min(start + batch_size, end)))
+                 if item is not None]
+        if batch:
+            yield torch.stack(batch)
 
 
 def _config_of(model: nn.Module) -> dict:

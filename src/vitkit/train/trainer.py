@@ -26,11 +26,12 @@ from tqdm.auto import tqdm
 
 from vitkit import crash_points
 from vitkit.atomic import atomic_write_text
-from vitkit.data import batch_mixer, collate_skip_none, evaluation_set, load_dataset, train_transform
+from vitkit.data import (Transformed, batch_mixer, collate_skip_none, eval_transform, evaluation_set, load_dataset,
+                         train_transform)
 from vitkit.data.batch_augment import BatchAugment
 from vitkit.data.splits import training_subset
 from vitkit.fastest_mode import fastest_training_precision, training_candidates
-from vitkit.int8_calibration import calibrate_int8
+from vitkit.int8_calibration import calibrate_int8, first_images
 from vitkit.model import ViT
 from vitkit.plots import plot_curves
 from vitkit.runtime import autocast, resolve_device, resolve_precision
@@ -557,13 +558,10 @@ def _write_int8_calibration(run: Run) -> None:
     """model.int8_calibration.json: the final weights' int8 activation ranges over the first training images, seen
     as at evaluation (vitkit.int8_calibration). After the test evaluation, and drawing no random numbers."""
     model, data = run.eval_model, run.data
-    images = evaluation_set(data.train, data.mean, data.std, model.cfg.img_size)
-    count = min(run.cfg.run.int8_calibration_images, len(images))
-    batches = ([item[0] for item in map(images.__getitem__, range(start, min(start + 250, count)))
-                if item is not None]  # None: an unreadable image, skipped (--data.on_bad_image skip)
-               for start in range(0, count, 250))
+    # Transformed image by image: only the first ones are read, where evaluation_set would normalise the whole split.
+    images = Transformed(data.train, eval_transform(data.mean, data.std, model.cfg.img_size))
     try:
-        calibration = calibrate_int8(model, (torch.stack(batch) for batch in batches if batch))
+        calibration = calibrate_int8(model, first_images(images, run.cfg.run.int8_calibration_images))
     except ValueError as err:  # no readable image among them: the run itself is done and kept
         print(f"no int8 calibration written ({err})")
         return
