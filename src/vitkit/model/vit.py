@@ -478,6 +478,16 @@ class ViT(nn.Module):
             _lecun_normal_(self.pre_logits.fc.weight)
             nn.init.zeros_(self.pre_logits.fc.bias)
 
+    @torch.no_grad()
+    def zero_residual_branches(self) -> None:
+        """Zero the last weights of both residual branches in every block (the attention's output projection and
+        the MLP's second layer; their tiny biases are kept), on top of `init_weights`: each block then starts as the
+        identity plus a constant, as a ResNet whose last norm of each unit starts at zero, and learns its branches
+        from there (their gradients are not zero, since the inputs of those layers are not)."""
+        for block in self.blocks:
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.fc2.weight)
+
     def reset_classifier(self, num_classes: int) -> None:
         """Replace the head by a zero-initialised one for `num_classes` classes (0 = no head)."""
         if not isinstance(num_classes, int) or num_classes < 0:

@@ -78,6 +78,10 @@ class InitOptions:
     """Train only the new head on the frozen pretrained backbone (a linear probe)."""
     keep_pre_logits: bool = False
     """Keep the pretrained tanh pre-logits layer (the paper drops it when fine-tuning)."""
+    zero_residual: bool = False
+    """Start a random initialisation with every block's residual branches at zero weights (the attention's output
+    projection and the MLP's second layer), so each block starts as the identity; the default recipe's models
+    learn faster from there (docs/results). For a ViT trained from scratch only."""
 
 
 @dataclass

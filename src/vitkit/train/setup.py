@@ -20,6 +20,11 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: tuple[int, int],
     if cfg.init.freeze and not cfg.init.weights:
         raise ValueError("--init.freeze needs pretrained weights (--init.weights): a random backbone is not "
                          "worth freezing")
+    if cfg.init.zero_residual and (cfg.init.weights or cfg.model.name == RESNET):
+        why = (f"--init.weights {cfg.init.weights} starts from trained branches" if cfg.init.weights
+               else f"--model.name {RESNET} is the ResNet-18 baseline, not a ViT")
+        raise ValueError(f"--init.zero_residual zeroes a new ViT's residual branches for training from scratch, but "
+                         f"{why}: set --init.zero_residual false")
     if cfg.model.name == RESNET:
         return resnet_baseline(cfg, num_classes, image_size, in_chans)
     if cfg.init.weights:
@@ -27,8 +32,11 @@ def build_model(cfg: TrainConfig, num_classes: int, image_size: tuple[int, int],
     if cfg.model.name is None:
         raise ValueError("--model.name is needed to train from scratch (e.g. 'Ti/4'); it may be left unset only "
                          "when fine-tuning from --init.weights")
-    return create_model(cfg.model.name, img_size=image_size, in_chans=in_chans, num_classes=num_classes,
-                        **cfg.model.overrides())
+    model = create_model(cfg.model.name, img_size=image_size, in_chans=in_chans, num_classes=num_classes,
+                         **cfg.model.overrides())
+    if cfg.init.zero_residual:
+        model.zero_residual_branches()
+    return model
 
 
 def resnet_baseline(cfg: TrainConfig, num_classes: int, image_size: tuple[int, int], in_chans: int) -> nn.Module:
