@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_recipe.py                    # the default recipe (vitkit train)
     .venv/bin/python benchmarks/train_recipe.py --preset quick     # the 5-minute preset
+    .venv/bin/python benchmarks/train_recipe.py --preset fast      # the 15-minute preset
 
 Runs the same code path as `vitkit train` in this process, measures wall time from the start of
 the command (data loading included) to the test result, and writes a markdown report and a JSON
@@ -25,8 +26,9 @@ from resumable import logged_speeds
 
 # Published baselines in Fashion-MNIST's README (the dataset package's benchmark table).
 BASELINES = {"2-conv CNN + BatchNorm (README)": 93.4, "ResNet-like CNN (README)": 94.9}
-# The goals of the raised performance issue: 92.5% in 15 minutes, and 90% in 5 for the quick preset.
-GOALS = {"default": (92.5, 15 * 60), "quick": (90.0, 5 * 60)}
+# The goals of the raised performance issue: 92.5% in 15 minutes (the default recipe's goal; the fast preset is the
+# candidate for it), and 90% in 5 for the quick preset.
+GOALS = {"default": (92.5, 15 * 60), "fast": (92.5, 15 * 60), "quick": (90.0, 5 * 60)}
 
 
 def main() -> int:

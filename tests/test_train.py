@@ -208,6 +208,20 @@ def test_presets_include_quick():
     assert "quick" in available_presets()
 
 
+def test_the_fast_preset_is_the_default_recipe_with_its_measured_changes():
+    ns = build_parser().parse_args(["train", "--preset", "fast"])
+    fast = build_parser().instantiate(ns).train
+    default = TrainConfig()
+    changed = {(section, key): value for section in ("model", "init", "data", "optim", "run")
+               for key, value in vars(getattr(fast, section)).items()
+               if value != getattr(getattr(default, section), key)}
+    assert changed == {
+        ("init", "zero_residual"): True, ("optim", "lr"): 0.002, ("optim", "betas"): (0.9, 0.95),
+        ("optim", "batch_size"): 256, ("optim", "epochs"): 40.0,
+        ("optim", "patch_dropout_phases"): [(0.7, 0.75), (1.0, 0.5)],
+        ("run", "out"): "runs/fashion-mnist-fast", ("run", "eval_every"): 0}
+
+
 def test_cli_option_errors_are_clear(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         main(["train", "--optim.no_such_option", "1"])

@@ -399,7 +399,8 @@ class ViT(nn.Module):
     Public surface used by training, fine-tuning, pretraining, inspection and export:
     `embed_patches` -> `encode` is `forward_features`; `forward_head` turns tokens into logits;
     `forward_intermediates` returns block outputs and attention weights; `reset_classifier`
-    puts a zero-initialised head for a new number of classes.
+    puts a zero-initialised head for a new number of classes; `zero_residual_branches` starts every block as the
+    identity (a training option).
     """
 
     def __init__(self, cfg: ViTConfig):
