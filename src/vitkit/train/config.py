@@ -80,8 +80,8 @@ class InitOptions:
     """Keep the pretrained tanh pre-logits layer (the paper drops it when fine-tuning)."""
     zero_residual: bool = False
     """Start a random initialisation with every block's residual branches at zero weights (the attention's output
-    projection and the MLP's second layer), so each block starts as the identity; the default recipe's models
-    learn faster from there (docs/results). For a ViT trained from scratch only."""
+    projection and the MLP's second layer), so each block starts as the identity. Part of `--preset fast`, whose
+    trials docs/results/README.md lists. For a ViT trained from scratch only."""
 
 
 @dataclass
