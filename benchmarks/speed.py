@@ -677,11 +677,14 @@ def runtime_goal_checks(entry: dict, ceiling: dict, within_bound: set[str] | Non
                        "measured": f"{ours['contender']} {ours['images_per_s']:.1f} images/s, {ratio:.2f}x "
                                    f"{best['contender']} {best['images_per_s']:.1f}", "met": ratio >= 1.2})
     runtime_fp32 = [r for r in runtimes if r["contender"].endswith("fp32")]
-    if runtime_fp32 and "vitkit fp32" in rows:
+    # vitkit's fp32 as a user runs it: eagerly or compiled (`--compile`), whichever is the faster.
+    our_fp32 = [r for name, r in rows.items() if name in ("vitkit fp32", "vitkit fp32 + compile")]
+    if runtime_fp32 and our_fp32:
         best = max(runtime_fp32, key=lambda r: r["images_per_s"])
-        ratio = rows["vitkit fp32"]["images_per_s"] / best["images_per_s"]
-        checks.append({"goal": f"{where}: vitkit fp32 >= the fastest runtime fp32",
-                       "measured": f"{ratio:.2f}x {best['contender']}", "met": ratio >= 1.0})
+        ours = max(our_fp32, key=lambda r: r["images_per_s"])
+        ratio = ours["images_per_s"] / best["images_per_s"]
+        checks.append({"goal": f"{where}: vitkit fp32 (eager or compiled) >= the fastest runtime fp32",
+                       "measured": f"{ours['contender']}: {ratio:.2f}x {best['contender']}", "met": ratio >= 1.0})
     ours = [r for r in entry["rows"] if r["contender"].startswith("vitkit") and r["ceiling"] in ("bf16", "int8")]
     if ours and "int8" in ceiling:
         fastest = max(ours, key=lambda r: r["images_per_s"])

@@ -155,7 +155,8 @@ def test_fused_attention_kernel_used_unless_weights_are_requested(monkeypatch):
 
 
 def test_bf16_on_cpu_takes_the_explicit_attention_path_with_the_same_result(monkeypatch):
-    # bf16 on a CPU avoids the fused kernel (slow there); the explicit path must compute the same function.
+    # bf16 training on a CPU avoids the fused kernel (its backward is slow there); the explicit path must compute
+    # the same function.
     torch.manual_seed(0)
     model = tiny_model(drop_path=0.0).train()
     torch.nn.init.normal_(model.head.weight, std=0.1)  # a zero head would pass no gradient back to compare
@@ -176,8 +177,13 @@ def test_bf16_on_cpu_takes_the_explicit_attention_path_with_the_same_result(monk
         cos = F.cosine_similarity(p.grad.flatten(), g32.flatten(), dim=0)
         assert cos > 0.99, cos
     bf16_model = tiny_model(drop_path=0.0).to(torch.bfloat16).eval()
-    bf16_model(x.bfloat16())
+    explicit = bf16_model(x.bfloat16())  # parameters that want gradients: a backward may follow
     assert calls == []
+    # Without a backward (inference) the fused forward runs, the faster there, and computes the same function.
+    with torch.inference_mode():
+        fused = bf16_model(x.bfloat16())
+    assert len(calls) == 2
+    torch.testing.assert_close(fused.float(), explicit.float(), atol=0.05, rtol=0.05)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])

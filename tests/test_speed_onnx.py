@@ -76,10 +76,14 @@ def test_the_raised_goals_compare_auto_and_fp32_with_the_fastest_runtime_and_the
     checks = {c["goal"].split(": ", 1)[1]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}
     auto = checks["vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode"]
     assert auto["met"] and "1.20x openvino bf16 40.0" in auto["measured"]  # 48 / 40, exactly the goal
-    fp32 = checks["vitkit fp32 >= the fastest runtime fp32"]
-    assert fp32["met"] and "1.05x openvino fp32" in fp32["measured"]
+    fp32 = checks["vitkit fp32 (eager or compiled) >= the fastest runtime fp32"]
+    assert fp32["met"] and "vitkit fp32: 1.05x openvino fp32" in fp32["measured"]
     ceiling = checks["fastest vitkit mode >= 75% of its matmul ceiling (bf16 or int8)"]
     assert ceiling["met"] and "vitkit int8: 80.0% of the int8 ceiling" in ceiling["measured"]  # 10 x 48 / 600
+    entry["rows"].append(row("vitkit fp32 + compile", 24.0, "fp32"))  # the faster of vitkit's two fp32 forms counts
+    fp32 = {c["goal"].split(": ", 1)[1]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}[
+        "vitkit fp32 (eager or compiled) >= the fastest runtime fp32"]
+    assert fp32["met"] and "vitkit fp32 + compile: 1.20x openvino fp32" in fp32["measured"]
     entry["auto"] = {"precision": "bf16", "median_ms": None}
     assert not {c["goal"]: c for c in speed.runtime_goal_checks(entry, {"bf16": 400.0, "int8": 600.0})}[
         "S/16 @224 batch 16: vitkit auto >= 1.2x the fastest ONNX Runtime / OpenVINO mode"]["met"]  # 30 / 40
