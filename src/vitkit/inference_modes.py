@@ -19,11 +19,11 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
   dot products, else fp32). CPU only. With `int8_calibration` (vitkit.int8_calibration: each linear's input range
   measured once on sample images) the activations are rounded onto those fixed levels instead, and the MLP's first
   linear hands its GELU output to the second in uint8 (CalibratedInt8Linear).
-`compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after). Compiled, int8 is
+`compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after). On a CPU every mode
+compiles with its weights packed once at compile time (freezing) and C++ calling the kernels. Compiled, int8 is
 captured whole: each linear's activation quantisation becomes tensor ops that fuse with the LayerNorm or attention
-before it, the weights are packed once at compile time (freezing), and C++ calls the kernels. S/16 at batch 1
-ran 1.25x the eager int8 mode, at batch 16 1.08x (torch 2.14, 2 cores, AVX-512 VNNI;
-docs/results/speed_2026-12-03_1231).
+before it. S/16 at batch 1 ran 1.25x the eager int8 mode, at batch 16 1.08x (torch 2.14, 2 cores, AVX-512 VNNI;
+docs/results/speed_2026-12-03_1231); compiled bf16 1.24x and 1.06x eager bf16 (Intel Xeon with AMX).
 `keep_freed_memory=True` (CPU) lets the process reuse the memory it frees instead of faulting in fresh pages
 for every batch (vitkit.allocator); it changes the C allocator's settings for the whole process.
 """
