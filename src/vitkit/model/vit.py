@@ -278,8 +278,8 @@ class Attention(nn.Module):
         # 4.2 against 4.9 ms at batch 128 and 17 tokens, 5.9 against 7.2 ms at 26 (torch 2.14, 2 cores).
         # Without a backward the fused forward is the faster: S/16's attention in bf16 at 197 tokens took 0.25
         # against 0.34 ms per layer at batch 1 and 3.0 against 3.5 ms at batch 16 (Intel Xeon with AMX).
-        cpu_bf16_training = (q.dtype == torch.bfloat16 and q.device.type == "cpu"
-                             and torch.is_grad_enabled() and q.requires_grad)
+        # q was made in this call, so it requires grad exactly when autograd records it: a backward may follow.
+        cpu_bf16_training = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
         small = q.shape[0] * q.shape[1] * t * t <= KEPT_PROBABILITIES_MAX
         # Exported with a dynamic size, the fused kernel with a bias decomposes into a graph whose output layout
         # the exporter gets wrong (torch 2.14): the explicit matmuls export correctly.
