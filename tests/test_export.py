@@ -164,3 +164,18 @@ def test_npz_and_safetensors_exports_load_back_to_the_same_model(tmp_path):
             torch.testing.assert_close(loaded.eval()(images), model(images), rtol=1e-5, atol=1e-5)
         if fmt == "safetensors":
             assert preprocess == PREPROCESS  # the preprocessing the weights came with
+
+
+@pytest.mark.parametrize("reduce_range, largest", [(False, 127), (True, 64)])
+def test_int8_weights_keep_7_bits_where_asked(tmp_path, reduce_range, largest):
+    """ONNX Runtime's int8 multiply-adds saturate on CPUs without VNNI unless the weights keep 7 bits: with
+    reduce_range every int8 weight lies in [-64, 63] (the largest magnitude 64), without it up to 127."""
+    import onnx
+    from onnx import numpy_helper
+
+    fp32, int8 = tmp_path / "model.onnx", tmp_path / "model.int8.onnx"
+    export.export_onnx(tiny("Ti/8", 16, 3), fp32, dynamic=False, opset=18)
+    export.quantise_int8(fp32, int8, reduce_range=reduce_range)
+    weights = [numpy_helper.to_array(t) for t in onnx.load(int8).graph.initializer
+               if t.data_type == onnx.TensorProto.INT8]
+    assert weights and max(int(abs(w.astype("int32")).max()) for w in weights) == largest

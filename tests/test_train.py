@@ -217,7 +217,7 @@ def test_the_fast_preset_is_the_default_recipe_with_its_measured_changes():
                if value != getattr(getattr(default, section), key)}
     assert changed == {
         ("init", "zero_residual"): True, ("optim", "lr"): 0.002, ("optim", "betas"): (0.9, 0.95),
-        ("optim", "batch_size"): 256, ("optim", "epochs"): 40.0,
+        ("optim", "batch_size"): 256, ("optim", "epochs"): 40.0, ("optim", "time_budget"): 15.0,
         ("optim", "patch_dropout_phases"): [(0.7, 0.75), (1.0, 0.5)],
         ("run", "out"): "runs/fashion-mnist-fast", ("run", "eval_every"): 0}
 

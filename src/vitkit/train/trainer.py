@@ -10,6 +10,8 @@ the model starts from pretrained weights (vitkit.train.setup).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import functools
 import json
 import math
@@ -21,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from vitkit import crash_points
@@ -61,6 +63,7 @@ from vitkit.train.pretraining import MaskedPatchObjective
 from vitkit.train.run_dir import check_run_dir, resumed_config, write_run_dir
 from vitkit.train.sampling import EpochBatches, SeededAugment, derive_seed
 from vitkit.train.setup import build_model
+from vitkit.train.time_budget import TimedRun, steps_within
 from vitkit.weights import PREPROCESS_KEY, save_weights
 
 
@@ -112,6 +115,8 @@ class Run:
     window_start: float = 0.0
     precision_reason: str = ""
     """Why "auto" became `precision` (empty when the run asked for a precision)."""
+    compiled: bool = False
+    """Whether the steps run compiled."""
 
     @property
     def run_dir(self) -> Path:
@@ -134,6 +139,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ValueError(f"--optim.accumulate {o.accumulate} must be >= 1 and divide the batch size {o.batch_size}")
     if not o.epochs > 0:
         raise ValueError(f"--optim.epochs must be positive, got {o.epochs}")
+    if o.time_budget is not None and not o.time_budget > 0:
+        raise ValueError(f"--optim.time_budget must be a positive number of minutes or null, got {o.time_budget}")
     if not 0 <= o.label_smoothing < 1:
         raise ValueError(f"--optim.label_smoothing must be in [0, 1), got {o.label_smoothing}")
     if not 0 <= o.ema < 1:
@@ -185,11 +192,12 @@ def objective_for(cfg: TrainConfig, data) -> Objective:
 def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
     """Train as `cfg` says, for `objective` (default: the one `cfg` describes, see `objective_for`); under
     torchrun, one process per device shares every batch."""
+    started = time.perf_counter()  # what --optim.time_budget counts from
     validate(cfg)
     device = local_device(resolve_device(cfg.run.device))
     ctx = distributed.setup(device)
     try:
-        run = set_up(cfg, device, ctx, objective)
+        run = set_up(cfg, device, ctx, objective, started)
         run.progress = tqdm(total=run.stop_at, initial=run.position.step, unit="step", dynamic_ncols=True,
                             desc="train", disable=not (run.cfg.run.progress and ctx.is_main))
         run.start = run.window_start = time.perf_counter()
@@ -220,9 +228,11 @@ def _on_main_first(ctx: distributed.Distributed, action):
 # ---- set-up and resume ----
 
 def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
-           objective: Objective | None) -> Run:
+           objective: Objective | None, started: float | None = None) -> Run:
     """Everything a run needs, checked before anything is written: a bad option or file must not leave a
-    half-made run directory behind (or clear the run that --run.overwrite would replace)."""
+    half-made run directory behind (or clear the run that --run.overwrite would replace). `started`: when the run
+    began (time.perf_counter()), for --optim.time_budget; default now."""
+    started = time.perf_counter() if started is None else started
     if cfg.optim.batch_size % (ctx.world_size * cfg.optim.accumulate):
         raise ValueError(f"--optim.batch_size {cfg.optim.batch_size} must divide evenly over {ctx.world_size} "
                          f"process(es) x {cfg.optim.accumulate} accumulation step(s)")
@@ -246,12 +256,17 @@ def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
                         val_set, test_set)
     run.precision_reason = precision_reason
     if not cfg.run.resume:
-        _on_main_first(ctx, lambda: write_run_dir(cfg))
         if ctx.rank:
             torch.manual_seed(derive_seed(cfg.run.seed, ctx.rank))  # dropout masks differ between ranks
     else:
         _restore(run, resumed)
     _prepare_forward(run)
+    # A resumed run keeps the epochs its config.yaml records, whatever this machine's speed now.
+    if cfg.optim.time_budget is not None and not cfg.run.resume:
+        _fit_time_budget(run, started)
+    if not cfg.run.resume:
+        _on_main_first(ctx, lambda: write_run_dir(run.cfg))
+    _announce(run)
     if ctx.is_main:
         run.log = MetricsLog(run.run_dir, tensorboard=cfg.run.tensorboard,
                              resume_step=run.position.step if cfg.run.resume else None)
@@ -368,11 +383,131 @@ def _prepare_forward(run: Run) -> None:
             return inner(*args, **kwargs)
 
     run.forward = forward
+    run.compiled = compiled
+
+
+def _announce(run: Run) -> None:
+    """What "auto" chose for the run's precision and compilation, and why."""
+    r = run.cfg.run
     if run.ctx.is_main and (r.precision == "auto" or r.compile == "auto"):
-        print(f"{precision} precision, {'compiled' if compiled else 'not compiled'} "
+        print(f"{run.precision} precision, {'compiled' if run.compiled else 'not compiled'} "
               f"(--run.precision {r.precision}, --run.compile {str(r.compile).lower()}; {run.total_steps} steps)")
         if run.precision_reason:
             print(f"precision auto: {run.precision_reason}")
+
+
+# ---- --optim.time_budget ----
+
+TIMED_STEPS = 5
+"""Steps timed at each PatchDropout rate for --optim.time_budget (the median counts), after one untimed step that
+compiles the rate's step when the run compiles."""
+TIMED_EVAL_IMAGES = 500
+"""Validation images whose evaluation is timed for --optim.time_budget."""
+
+
+def _fit_time_budget(run: Run, started: float) -> None:
+    """--optim.time_budget: time the run's own steps at each PatchDropout rate it will use (the first at each
+    compiles it, as the run would have), put the model, optimiser, weight average, position and random state back
+    as they were, and give the run the number of steps that fits (vitkit.train.time_budget)."""
+    cfg, ctx, o = run.cfg, run.ctx, run.cfg.optim
+    phases = o.patch_dropout_phases or [(1.0, None)]
+    before = _state_before_timing(run)
+    # Every phase must hold steps while timing, whatever --optim.epochs gave: the rates are looked up in a long run.
+    run.total_steps = 1_000_000
+    batches = _batches_for_timing(run)
+    seconds_at: dict[float | None, float] = {}
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
+        start = 0.0
+        for end, rate in phases:
+            if rate not in seconds_at:
+                run.position.step = math.ceil(start * run.total_steps)  # the first step of this phase
+                times = []
+                for _ in range(1 + TIMED_STEPS):
+                    images, labels = next(batches)
+                    _synchronize(run.device)
+                    began = time.perf_counter()
+                    train_step(run, images, labels)
+                    _synchronize(run.device)
+                    times.append(time.perf_counter() - began)
+                seconds_at[rate] = float(np.median(times[1:]))
+            start = end
+        eval_seconds = _eval_seconds_per_image(run)
+    _restore_state_before_timing(run, before)
+    timed = TimedRun(time.perf_counter() - started, [(end, seconds_at[rate]) for end, rate in phases], eval_seconds)
+    steps = _on_main_first(ctx, lambda: steps_within(o.time_budget, timed, run.steps_per_epoch,
+                                                      *_images_evaluated(run)))
+    steps = round(ctx.sum([float(steps) if ctx.is_main else 0.0])[0])  # rank 0's choice on every process
+    run.total_steps = steps
+    run.scheduler = build_scheduler(run.optimizer, steps, warmup_steps(o.warmup, steps), o.schedule)
+    run.cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
+    if ctx.is_main:
+        rates = ", ".join(f"{seconds:.3f} s" + ("" if rate is None else f" at PatchDropout {rate:g}")
+                          for rate, seconds in seconds_at.items())
+        print(f"time budget {o.time_budget:g} min: set-up took {timed.elapsed:.0f} s, a step {rates}; "
+              f"{steps} steps ({steps / run.steps_per_epoch:.2f} epochs) fit, in place of --optim.epochs {o.epochs:g}")
+
+
+def _batches_for_timing(run: Run):
+    """The first epoch's batches, over and over (a short training split has fewer than the timing takes)."""
+    while True:
+        run.position.batch = 0
+        found = False
+        for batch in _epoch_batches(run):
+            if batch is not None:
+                found = True
+                yield batch
+        if not found:
+            raise TrainingError("--optim.time_budget: no batch of the training split could be read to time a step")
+
+
+def _eval_seconds_per_image(run: Run) -> float:
+    """Seconds per image of evaluation in the run's precision, timed on the first validation (or test) images."""
+    split = run.val_set if len(run.val_set) else run.test_set
+    count = min(TIMED_EVAL_IMAGES, len(split))
+    if count == 0:
+        return 0.0
+    began = time.perf_counter()
+    with autocast(run.device, run.precision):
+        run.objective.evaluate(run.eval_model, Subset(split, range(count)), run.device)
+    return (time.perf_counter() - began) / count
+
+
+def _images_evaluated(run: Run) -> tuple[float, int]:
+    """(images evaluated per epoch, images evaluated once at the end) by the run as configured."""
+    every, calibrated = run.cfg.run.eval_every, run.cfg.run.int8_calibration_images
+    per_epoch = len(run.val_set) / every if every > 0 else 0.0
+    once = (len(run.val_set) if every == 0 else 0) + len(run.test_set)
+    if calibrated > 0 and isinstance(run.eval_model, ViT) and run.eval_model.cfg.num_classes > 0:
+        once += min(calibrated, len(run.data.train))
+    return per_epoch, once
+
+
+def _state_before_timing(run: Run) -> dict:
+    """Copies of everything a step changes."""
+    def copied(state: dict) -> dict:
+        return {key: value.detach().clone() if torch.is_tensor(value) else copy.deepcopy(value)
+                for key, value in state.items()}
+
+    return {"model": copied(run.model.state_dict()), "objective": copied(run.objective.state_dict()),
+            "optimizer": copy.deepcopy(run.optimizer.state_dict()),
+            "ema": copied(run.ema.state_dict()) if run.ema is not None else None,
+            "position": dataclasses.replace(run.position), "skipped_steps": run.skipped_steps}
+
+
+def _restore_state_before_timing(run: Run, before: dict) -> None:
+    run.model.load_state_dict(before["model"])
+    if before["objective"]:
+        run.objective.load_state_dict(before["objective"])
+    run.optimizer.load_state_dict(before["optimizer"])
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.load_state_dict(before["ema"])
+    run.position, run.skipped_steps = before["position"], before["skipped_steps"]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 # ---- the steps ----
@@ -451,7 +586,8 @@ def _apply_gradients(run: Run, loss: float) -> None:
         run.skipped_steps += 1
         run.optimizer.zero_grad(set_to_none=True)
         return
-    run.progress.close()
+    if run.progress is not None:  # None while --optim.time_budget times the steps
+        run.progress.close()
     if run.log:
         run.log.close()
     found = last_checkpoint(run.run_dir)

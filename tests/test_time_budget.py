@@ -1,0 +1,119 @@
+"""--optim.time_budget: the arithmetic of the steps that fit, and a budgeted run that is the ordinary run of the
+epochs it chose, bit for bit, resumed without timing again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from test_train import _losses, tiny_config
+from vitkit.cli import main
+from vitkit.train import time_budget, trainer
+from vitkit.train.config import TrainConfig
+from vitkit.train.time_budget import TimedRun, steps_within
+from vitkit.train.trainer import train
+
+
+def test_steps_within_weighs_each_phase_and_the_evaluations():
+    # 60 s, 10 s spent, 1,000 images evaluated at the end at 1 ms: 49 s for the steps. Half the steps at 0.1 s, half
+    # at 0.3 s: 0.2 s a step, plus 500 images evaluated per epoch of 100 steps: 0.005 s a step.
+    timed = TimedRun(elapsed=10.0, step_seconds=[(0.5, 0.1), (1.0, 0.3)], eval_seconds_per_image=0.001)
+    assert steps_within(1.0, timed, steps_per_epoch=100, evaluated_per_epoch=500, evaluated_once=1000,
+                        margin=0.0) == 239  # floor(49 / 0.205)
+    assert steps_within(1.0, timed, 100, 500, 1000, margin=0.03) == 231  # floor(49 * 0.97 / 0.205)
+    # Phases of unequal length: a quarter of the steps at 1 s, the rest at 0.5 s: 0.625 s a step.
+    uneven = TimedRun(elapsed=0.0, step_seconds=[(0.25, 1.0), (1.0, 0.5)], eval_seconds_per_image=0.0)
+    assert steps_within(1.0, uneven, 100, 0, 0, margin=0.0) == 96
+
+
+def test_a_budget_that_leaves_no_time_for_a_step_is_refused_with_the_figures():
+    timed = TimedRun(elapsed=70.0, step_seconds=[(1.0, 0.2)], eval_seconds_per_image=0.0)
+    with pytest.raises(ValueError, match=r"--optim.time_budget 1 minutes leaves no time for a step: set-up took 70 s"):
+        steps_within(1.0, timed, 100, 0, 0)
+
+
+def _spy_on_the_choice(monkeypatch, steps: int) -> list[TimedRun]:
+    """Make the budget's choice `steps` (a test cannot wait for what a real budget fits) and keep what was timed."""
+    seen = []
+
+    def choose(budget, timed, steps_per_epoch, per_epoch, once, margin=time_budget.BUDGET_MARGIN):
+        seen.append(timed)
+        return steps
+
+    monkeypatch.setattr(trainer, "steps_within", choose)
+    return seen
+
+
+def test_a_budgeted_run_is_the_run_of_the_epochs_it_chose_and_resumes_without_timing_again(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """Timing steps at each PatchDropout rate and putting everything back leaves no trace: the budgeted run (with
+    a weight average, so that is put back too) equals, bit for bit, the run given the chosen epochs, and a budgeted
+    run stopped and resumed equals both, its schedule read from config.yaml."""
+    timed = _spy_on_the_choice(monkeypatch, steps=35)  # 1.25 epochs of 28 steps
+
+    def config(out: Path, **optim) -> TrainConfig:
+        cfg = tiny_config(out, patch_dropout_phases=[(0.5, 0.75), (1.0, 0.0)], ema=0.9, **optim)
+        cfg.run.log_every = 1
+        return cfg
+
+    budgeted = config(tmp_path / "budgeted", time_budget=5.0)
+    train(budgeted)
+    assert budgeted.optim.epochs == 3  # the caller's config is left as it was
+    assert len(timed) == 1
+    assert [end for end, _ in timed[0].step_seconds] == [0.5, 1.0]
+    assert all(seconds > 0 for _, seconds in timed[0].step_seconds) and timed[0].eval_seconds_per_image > 0
+    assert "35 steps (1.25 epochs) fit, in place of --optim.epochs 3" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "budgeted" / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 1.25 and saved["optim"]["time_budget"] == 5.0
+
+    train(config(tmp_path / "plain", epochs=1.25))
+
+    part = config(tmp_path / "part", time_budget=5.0)
+    part.run.max_steps = 20
+    train(part)
+    monkeypatch.setattr(trainer, "_fit_time_budget", lambda *args: pytest.fail("a resumed run timed again"))
+    part.run.max_steps, part.run.resume = None, True
+    train(part)
+
+    weights = [load_file(tmp_path / name / "model.safetensors") for name in ("budgeted", "plain", "part")]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
+        assert torch.equal(weights[0][key], weights[2][key]), key
+    losses = _losses(tmp_path / "budgeted")
+    assert len(losses) == 35 and losses == _losses(tmp_path / "plain") == _losses(tmp_path / "part")
+
+
+def test_a_budgeted_run_fits_what_its_timing_allows(tmp_path, monkeypatch):
+    """Unpatched, the run's steps are what steps_within gives for what was timed: the chosen epochs in config.yaml
+    are that many steps, and the steps timed are this machine's (a step of the tiny model takes well under 1 s)."""
+    seen = []
+    real = trainer.steps_within
+
+    def spy(*args, **kwargs):
+        seen.append((args, kwargs, real(*args, **kwargs)))
+        return seen[-1][2]
+
+    monkeypatch.setattr(trainer, "steps_within", spy)
+    cfg = tiny_config(tmp_path / "run", time_budget=0.1)  # 6 s
+    train(cfg)
+    (args, kwargs, steps), = seen
+    assert args[0] == 0.1 and args[2] == 28
+    assert 0 < args[1].step_seconds[0][1] < 1
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert round(saved["optim"]["epochs"] * 28) == steps
+    assert len(_losses(tmp_path / "run")) == steps // 50 + (steps % 50 > 0)  # a record every 50 steps and the last
+
+
+@pytest.mark.parametrize("budget", ["0", "-5"])
+def test_a_budget_that_is_not_positive_is_refused_before_anything_is_written(tmp_path, capsys, budget):
+    out = tmp_path / "run"
+    args = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "1", "--model.heads", "2",
+            "--model.mlp_dim", "64", "--run.progress", "false", "--run.out", str(out), "--optim.time_budget", budget]
+    assert main(args) == 2
+    assert f"--optim.time_budget must be a positive number of minutes or null, got {float(budget)}" in \
+        capsys.readouterr().err
+    assert not out.exists()
