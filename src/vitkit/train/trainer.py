@@ -398,9 +398,12 @@ def _announce(run: Run) -> None:
 
 # ---- --optim.time_budget ----
 
-TIMED_STEPS = 5
-"""Steps timed at each PatchDropout rate for --optim.time_budget (the median counts), after one untimed step that
-compiles the rate's step when the run compiles."""
+TIMED_STEPS = 8
+"""Steps timed at each PatchDropout rate for --optim.time_budget (the median counts), after `UNTIMED_STEPS`."""
+UNTIMED_STEPS = 2
+"""Steps run at each rate before the timed ones: the first compiles the rate's step when the run compiles, and the
+steps just after it ran slower than the run's later ones (a compiled fp32 step of the fast preset's model on a 2-core
+AMD EPYC without AVX-512: timed at 0.201 and 0.340 s after one such step, 0.171 and 0.260 s a step in the run)."""
 TIMED_EVAL_IMAGES = 500
 """Validation images whose evaluation is timed for --optim.time_budget."""
 
@@ -422,14 +425,14 @@ def _fit_time_budget(run: Run, started: float) -> None:
             if rate not in seconds_at:
                 run.position.step = math.ceil(start * run.total_steps)  # the first step of this phase
                 times = []
-                for _ in range(1 + TIMED_STEPS):
+                for _ in range(UNTIMED_STEPS + TIMED_STEPS):
                     images, labels = next(batches)
                     _synchronize(run.device)
                     began = time.perf_counter()
                     train_step(run, images, labels)
                     _synchronize(run.device)
                     times.append(time.perf_counter() - began)
-                seconds_at[rate] = float(np.median(times[1:]))
+                seconds_at[rate] = float(np.median(times[UNTIMED_STEPS:]))
             start = end
         eval_seconds = _eval_seconds_per_image(run)
     _restore_state_before_timing(run, before)
