@@ -17,13 +17,22 @@ from vitkit.model import ViT, ViTConfig
 CPU = torch.device("cpu")
 
 
-@pytest.mark.parametrize("bf16, vnni, expected", [(False, False, ("fp32",)), (True, False, ("bf16", "fp32")),
+@pytest.mark.parametrize("bf16, int8, expected", [(False, False, ("fp32",)), (True, False, ("bf16", "fp32")),
                                                   (False, True, ("int8", "fp32")),
                                                   (True, True, ("bf16", "int8", "fp32"))])
-def test_the_candidates_follow_the_cpus_features(monkeypatch, bf16, vnni, expected):
+def test_the_candidates_follow_the_cpus_features(monkeypatch, bf16, int8, expected):
     monkeypatch.setattr(fastest_mode, "cpu_has_native_bf16", lambda: bf16)
-    monkeypatch.setattr(fastest_mode, "cpu_has_vnni", lambda: vnni)
+    monkeypatch.setattr(fastest_mode, "cpu_has_int8_kernels", lambda: int8)
     assert candidates(CPU) == expected
+
+
+@pytest.mark.parametrize("flags, expected", [({"avx2"}, True), ({"avx512_vnni"}, True), ({"avx_vnni"}, True),
+                                             ({"amx_int8"}, True), ({"avx", "fma", "sse4_2"}, False)])
+def test_int8_kernels_need_vnni_amx_or_avx2(monkeypatch, flags, expected):
+    from vitkit import runtime
+
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: frozenset(flags))
+    assert runtime.cpu_has_int8_kernels() is expected
 
 
 @pytest.mark.parametrize("bf16, expected", [(False, ("fp32",)), (True, ("bf16-mixed", "fp32"))])

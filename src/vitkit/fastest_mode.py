@@ -6,12 +6,14 @@ of at least 99.5%, test top-1 within 0.2 points; `benchmarks/inference_accuracy.
 chooses on speed among the modes the device runs:
 
 - a GPU: bf16 where it computes bf16 natively, else fp32;
-- a CPU with neither bf16 dot products (AVX-512 BF16, AMX) nor int8 ones (VNNI, AMX): fp32, since bf16 would be
-  emulated and int8 would keep 7 bits, a form not measured against the bound;
+- a CPU with neither bf16 dot products (AVX-512 BF16, AMX) nor int8 kernels (VNNI, AMX, or AVX2 for fbgemm's int8
+  linear): fp32, since bf16 would be emulated (about 7x slower than fp32 on an AMD EPYC without AVX-512);
 - a CPU with either: the features do not decide, so fp32 and the modes it has are timed. On the AMD EPYC (AVX-512
   BF16 and VNNI) int8 led at batch 16 (S/16: 46.0 against bf16's 34.4 images/s) and bf16 at batch 1 (Ti/16: 64.4
   against 56.8); on an Intel Xeon with AMX bf16 led at both; on an Intel Xeon whose AMX was not available (AVX-512
-  BF16 and VNNI only) bf16 ran at half of fp32's speed (S/16 at batch 16: 13.0 against 18.9 images/s, int8 36.6).
+  BF16 and VNNI only) bf16 ran at half of fp32's speed (S/16 at batch 16: 13.0 against 18.9 images/s, int8 36.6); on
+  an AMD EPYC without AVX-512 (AVX2 only) int8, with 7-bit activations there, ran at 1.6x fp32 (S/16 at batch 1: 17.1
+  against 10.7 images/s) and kept the bound (99.55% top-1 agreement).
 
 In training "auto" means bf16-mixed or fp32 (training keeps fp32 weights), and the same holds: on the AMD EPYC a
 bf16-mixed step of the default Fashion-MNIST model ran about 2.5x faster than fp32, on that Intel Xeon 0.72x
@@ -44,7 +46,14 @@ import torch
 from torch import nn
 
 from vitkit.atomic import atomic_write_text
-from vitkit.runtime import autocast, cpu_flags, cpu_has_native_bf16, cpu_has_vnni, cpu_model_name, resolve_precision
+from vitkit.runtime import (
+    autocast,
+    cpu_flags,
+    cpu_has_int8_kernels,
+    cpu_has_native_bf16,
+    cpu_model_name,
+    resolve_precision,
+)
 
 MAX_TIMED_BATCH = 64
 """Larger batches are timed at this size: the order of the modes does not change above it, the timing's cost does."""
@@ -75,7 +84,8 @@ def candidates(device: torch.device) -> tuple[str, ...]:
     """The inference precisions "auto" may choose on `device`, by its features alone."""
     if device.type != "cpu":
         return (resolve_precision("auto", device),)
-    fast = tuple(mode for mode, present in (("bf16", cpu_has_native_bf16()), ("int8", cpu_has_vnni())) if present)
+    fast = tuple(mode for mode, present in (("bf16", cpu_has_native_bf16()), ("int8", cpu_has_int8_kernels()))
+                 if present)
     # fp32 stays in the race: bf16 dot products without AMX ran at half of fp32's speed on an Intel Xeon.
     return (*fast, "fp32")
 

@@ -67,6 +67,12 @@ def cpu_has_vnni() -> bool:
     return bool(cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def cpu_has_int8_kernels() -> bool:
+    """Whether int8 inference has fast kernels on this CPU: int8 dot products (VNNI, AMX), or AVX2, on which fbgemm's
+    int8 linear runs with 7-bit activations (8 would saturate its 16-bit multiply-adds)."""
+    return cpu_has_vnni() or "avx2" in cpu_flags()
+
+
 def resolve_device(name: str) -> torch.device:
     """'auto' (CUDA if present, else the CPU), 'cpu' or 'cuda[:N]', checked against what this machine has."""
     if name == "auto":
