@@ -168,7 +168,7 @@ def _memory_child(spec: str) -> int:
         contenders, _, _ = inference_contenders(job["what"], "compile" in job["contender"],
                                                 job["contender"].startswith("onnxruntime"),
                                                 job["contender"].startswith("openvino"), job["batch"],
-                                                with_auto=False)
+                                                with_auto=False, with_bf16="bf16" in job["contender"])
         x = torch.randn(job["batch"], 3, 224, 224)
         run = contenders[job["contender"]]
 
@@ -185,10 +185,11 @@ def _memory_child(spec: str) -> int:
 # --- contenders ---------------------------------------------------------------------------------------------------
 
 def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False, with_openvino: bool = False,
-                         batch: int = 16, with_auto: bool = True) -> tuple[dict, dict, dict | None]:
+                         batch: int = 16, with_auto: bool = True,
+                         with_bf16: bool = True) -> tuple[dict, dict, dict | None]:
     """{name: callable(images) -> logits}, {name: max |logit difference| against the vitkit twin}, and the mode
     vitkit's `--precision auto` runs at `batch` ({"precision", "median_ms"}: timed afresh, not read from a cache; None
-    without `with_auto`).
+    without `with_auto`). Without `with_bf16`, no contender computes in bf16.
     OpenVINO's model is made static for `batch`, as a deployer who knows the batch would."""
     import timm
     import transformers
@@ -219,6 +220,9 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     modes = [("fp32", False), ("bf16", False), ("bf16-mixed", False), ("int8", False)]
     if with_compile:
         modes += [("fp32", True), ("bf16", True), ("int8", True)]
+    if not with_bf16:
+        del contenders["timm bf16 weights"]
+        modes = [(precision, compiled) for precision, compiled in modes if "bf16" not in precision]
     auto = None
     if with_auto:
         with tempfile.TemporaryDirectory(prefix="vitkit-speed-cache-") as cache:
@@ -235,6 +239,8 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
                 model, "int8", compile=compiled, int8_calibration=calibration)
     if with_onnx or with_openvino:
         contenders.update(exported_contenders(model, with_onnx, with_openvino, batch))
+    if not with_bf16:
+        contenders.pop("openvino bf16", None)
 
     x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
@@ -453,6 +459,9 @@ def main() -> int:
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile contenders")
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime contenders")
     parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO contenders")
+    parser.add_argument("--no-bf16", action="store_true",
+                        help="leave out the inference contenders that compute in bf16 (on a CPU without bf16 dot "
+                             "products they run emulated, several times slower than fp32, and take most of the run)")
     parser.add_argument("--accuracy", help="an inference_accuracy_*.json of benchmarks/inference_accuracy.py: the "
                         "raised goals then hold vitkit's auto mode only against runtime modes within the accuracy "
                         "bound there")
@@ -502,7 +511,7 @@ def main() -> int:
             # recompile limit) torch would silently run later "compiled" contenders eagerly.
             torch._dynamo.reset()
             contenders, differences, auto = inference_contenders(size, not args.no_compile, with_onnx, with_openvino,
-                                                                 batch)
+                                                                 batch, with_bf16=not args.no_bf16)
             x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(2))
 
             def call(run, x=x):
