@@ -143,7 +143,7 @@ class OptimOptions:
     accumulate: int = 1
     """Split each step into this many micro-batches (for batches that do not fit in memory)."""
     epochs: float = 56.0
-    """Training length in epochs (fractions allowed); the schedule spans them all."""
+    """Training length in epochs (fractions allowed); the schedule spans them all. --optim.time_budget replaces it."""
     time_budget: float | None = None
     """Minutes of wall time the run may take on this machine, set-up and final evaluation included (e.g. 15): the
     run's steps are timed at the start, at each PatchDropout rate and compiled if the run compiles, and the epochs
