@@ -228,11 +228,10 @@ def _on_main_first(ctx: distributed.Distributed, action):
 # ---- set-up and resume ----
 
 def set_up(cfg: TrainConfig, device: torch.device, ctx: distributed.Distributed,
-           objective: Objective | None, started: float | None = None) -> Run:
+           objective: Objective | None, started: float) -> Run:
     """Everything a run needs, checked before anything is written: a bad option or file must not leave a
     half-made run directory behind (or clear the run that --run.overwrite would replace). `started`: when the run
-    began (time.perf_counter()), for --optim.time_budget; default now."""
-    started = time.perf_counter() if started is None else started
+    began (time.perf_counter()), for --optim.time_budget."""
     if cfg.optim.batch_size % (ctx.world_size * cfg.optim.accumulate):
         raise ValueError(f"--optim.batch_size {cfg.optim.batch_size} must divide evenly over {ctx.world_size} "
                          f"process(es) x {cfg.optim.accumulate} accumulation step(s)")
@@ -330,10 +329,15 @@ def _optimisation(cfg, ctx, device, precision, objective, data, model, train_set
                          f"({len(data.train)} images): lower it")
     total_steps = max(1, round(o.epochs * steps_per_epoch))
     optimizer = build_optimizer([model, objective], o.optimizer, o.lr, o.weight_decay, o.betas, o.momentum)
-    scheduler = build_scheduler(optimizer, total_steps, warmup_steps(o.warmup, total_steps), o.schedule)
+    scheduler = _schedule(optimizer, o, total_steps)
     ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(o.ema)) if o.ema > 0 else None
     return Run(cfg, ctx, device, precision, objective, data, model, None, model, optimizer, scheduler, ema,
                train_set, fast_augment, val_set, test_set, preprocess_metadata(data), total_steps, steps_per_epoch)
+
+
+def _schedule(optimizer: torch.optim.Optimizer, o, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of `o` (the run's OptimOptions) over `total_steps`."""
+    return build_scheduler(optimizer, total_steps, warmup_steps(o.warmup, total_steps), o.schedule)
 
 
 def _last_checkpoint_state(cfg: TrainConfig) -> tuple[Path, dict] | None:
@@ -441,7 +445,7 @@ def _fit_time_budget(run: Run, started: float) -> None:
                                                       *_images_evaluated(run)))
     steps = round(ctx.sum([float(steps) if ctx.is_main else 0.0])[0])  # rank 0's choice on every process
     run.total_steps = steps
-    run.scheduler = build_scheduler(run.optimizer, steps, warmup_steps(o.warmup, steps), o.schedule)
+    run.scheduler = _schedule(run.optimizer, o, steps)
     run.cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
     if ctx.is_main:
         rates = ", ".join(f"{seconds:.3f} s" + ("" if rate is None else f" at PatchDropout {rate:g}")
