@@ -65,7 +65,8 @@ def test_bad_mode_and_training_are_refused():
         InferenceModel(model).train()
 
 
-KERNELS = [(False, "fbgemm"), (True, "fbgemm")] + ([(False, "onednn")] if onednn_int8_available() else [])
+KERNELS = [(False, "fbgemm"), (True, "fbgemm")] + ([(False, "onednn"), (True, "onednn")] if onednn_int8_available()
+                                                    else [])
 
 
 @pytest.mark.parametrize("reduce_range,kernel", KERNELS)
@@ -143,15 +144,16 @@ def test_compiled_int8_times_its_attention_choice_eagerly(monkeypatch):
 
 
 @pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
+@pytest.mark.parametrize("reduce_range", [False, True])
 @pytest.mark.parametrize("activation,out_dtype", [("none", torch.float32), ("gelu", torch.float32),
                                                   ("none", torch.bfloat16)])
-def test_int8_linears_traced_form_rounds_as_the_eager_kernel(activation, out_dtype):
+def test_int8_linears_traced_form_rounds_as_the_eager_kernel(reduce_range, activation, out_dtype):
     # The form torch.compile captures quantises the activations with tensor ops instead of quantize_per_tensor;
     # on the same input it must pick the same levels, hence the same integer product.
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
-    eager = DynamicInt8Linear(linear, False, activation, out_dtype, kernel="onednn")
-    for_compile = DynamicInt8Linear(linear, False, activation, out_dtype, kernel="onednn", for_compile=True)
+    eager = DynamicInt8Linear(linear, reduce_range, activation, out_dtype, kernel="onednn")
+    for_compile = DynamicInt8Linear(linear, reduce_range, activation, out_dtype, kernel="onednn", for_compile=True)
     x = torch.randn(5, 7, 64) * 2 + 0.3
     traced = for_compile._traced_forward(x)
     assert traced.shape == (5, 7, 48) and traced.dtype == out_dtype
@@ -164,10 +166,11 @@ def test_int8_linears_traced_form_rounds_as_the_eager_kernel(activation, out_dty
     assert for_compile.packed is not None
 
 
-@pytest.mark.skipif(not onednn_int8_available() or not cpu_has_vnni(),
-                    reason="without oneDNN's int8 linear or VNNI, int8 runs on fbgemm's, opaque to torch.compile")
+@pytest.mark.skipif(not onednn_int8_available(),
+                    reason="without oneDNN's int8 linear, int8 runs on fbgemm's, opaque to torch.compile")
 def test_compiled_int8_is_one_graph_with_the_eager_modes_logits():
-    # Before, every int8 linear was opaque to dynamo: a compiled int8 model broke into a graph per layer.
+    # Before, every int8 linear was opaque to dynamo: a compiled int8 model broke into a graph per layer. Without
+    # VNNI the eager mode runs fbgemm's kernel and the compiled one oneDNN's, both on 128 levels: the same product.
     from torch._dynamo.utils import counters
 
     model = randomise_(create_model("Ti/8", img_size=16, num_classes=5, depth=2), seed=3).eval()
@@ -184,20 +187,50 @@ def test_int8_linear_refuses_what_its_kernel_cannot_do():
     linear = torch.nn.Linear(4, 3)
     with pytest.raises(ValueError, match="unknown activation 'relu'"):
         DynamicInt8Linear(linear, False, activation="relu")
-    with pytest.raises(ValueError, match="needs 256 activation levels"):
-        DynamicInt8Linear(linear, True, kernel="onednn")
+    with pytest.raises(ValueError, match="unknown int8 kernel 'mkl'"):
+        DynamicInt8Linear(linear, False, kernel="mkl")
+
+
+def test_int8_linear_without_onednn_is_refused_onednn_and_runs_fbgemm(monkeypatch):
+    monkeypatch.setattr(inference_modes, "onednn_int8_available", lambda: False)
+    linear = torch.nn.Linear(4, 3)
+    with pytest.raises(ValueError, match="needs a torch built with oneDNN's int8 linear"):
+        DynamicInt8Linear(linear, False, kernel="onednn")
+    assert DynamicInt8Linear(linear, False).kernel == "fbgemm"
+    assert DynamicInt8Linear(linear, True, for_compile=True).kernel == "fbgemm"
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
+def test_int8_linear_kernel_by_levels_and_compilation():
+    # 256 levels: oneDNN, eager or compiled. 128 (no VNNI): fbgemm eagerly, which quantises inside its kernel;
+    # oneDNN for torch.compile, whose quantisation fuses with the op before.
+    linear = torch.nn.Linear(4, 3)
+    assert DynamicInt8Linear(linear, False).kernel == "onednn"
+    assert DynamicInt8Linear(linear, False, for_compile=True).kernel == "onednn"
+    assert DynamicInt8Linear(linear, True).kernel == "fbgemm"
+    assert DynamicInt8Linear(linear, True, for_compile=True).kernel == "onednn"
+    assert DynamicInt8Linear(linear, True).levels == 127 and DynamicInt8Linear(linear, False).levels == 255
 
 
 @pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
-@pytest.mark.parametrize("activation", ["none", "gelu"])
-def test_packed_linear_computes_the_linear(activation):
+@pytest.mark.parametrize("activation,gelu_in_matmul", [("none", None), ("gelu", True), ("gelu", False)])
+def test_packed_linear_computes_the_linear(activation, gelu_in_matmul):
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(5, 7, 64)
     expected = linear(x) if activation == "none" else torch.nn.functional.gelu(linear(x))
-    got = PackedLinear(linear, activation)(x)
+    got = PackedLinear(linear, activation, gelu_in_matmul=gelu_in_matmul)(x)
     assert got.shape == (5, 7, 48) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+@pytest.mark.parametrize("flags,fused", [({"avx2", "fma"}, False), ({"avx2", "avx512f", "avx512_vnni"}, True)])
+def test_packed_linear_fuses_gelu_on_avx512_cpus_only(monkeypatch, flags, fused):
+    # Without AVX-512, oneDNN's GELU as it writes the output was slower than aten's GELU after the matmul.
+    monkeypatch.setattr(inference_modes, "cpu_flags", lambda: frozenset(flags))
+    assert inference_modes.gelu_fuses_into_matmul() is fused
+    assert PackedLinear(torch.nn.Linear(4, 3), "gelu").gelu_in_matmul is fused
 
 
 @pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")

@@ -7,7 +7,8 @@ are vitkit.runtime's vocabulary; "auto" is the fastest mode on this machine (vit
 the measured speed and accuracy cost of each, and tests/test_inference_modes.py the tolerances.
 
 - "fp32": the model as trained. On a CPU its linear layers run through oneDNN with their weights packed
-  once and the MLP's GELU fused (PackedLinear): the same arithmetic up to float rounding, faster.
+  once and, on CPUs with AVX-512, the MLP's GELU fused (PackedLinear): the same arithmetic up to float rounding,
+  faster.
 - "bf16": a bfloat16 copy of the weights made once; images are cast on the way in. On CPUs with
   AVX-512 BF16 or AMX the matmuls run at the bf16 rate and no per-call weight casts are paid; the
   linear layers are packed as in fp32.
@@ -44,7 +45,7 @@ from vitkit import fastest_mode
 from vitkit.allocator import keep_freed_memory as _keep_freed_memory
 from vitkit.int8_calibration import PATCH_PROJECTION, Int8Calibration, quantised_names
 from vitkit.model.vit import Attention, Mlp
-from vitkit.runtime import Precision, autocast, cpu_has_native_bf16, cpu_has_vnni, resolve_precision
+from vitkit.runtime import Precision, autocast, cpu_flags, cpu_has_native_bf16, cpu_has_vnni, resolve_precision
 
 # The concrete modes ("auto" resolves to one of them).
 MODES: tuple[str, ...] = ("fp32", "bf16", "bf16-mixed", "int8")
@@ -197,22 +198,34 @@ class PackedLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, activation: Literal["none", "gelu"] = "none",
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, gelu_in_matmul: bool | None = None):
         super().__init__()
         _check_activation(activation)
         self.packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach().to(dtype))  # opaque, (out, in)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.activation, self.dtype = activation, dtype
+        self.gelu_in_matmul = gelu_fuses_into_matmul() if gelu_in_matmul is None else gelu_in_matmul
+        """Whether a GELU is applied by oneDNN as it writes the output (else by aten's GELU after it, in place)."""
 
     @torch.compiler.disable  # an opaque oneDNN tensor, which dynamo need not trace
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activation == "gelu" and not self.gelu_in_matmul:
+            return torch.ops.aten.gelu_(torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], ""))
         algorithm = "none" if self.activation == "gelu" else ""  # GELU's "none": the exact (erf) form
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, self.activation, [], algorithm)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}, "
-                f"dtype={self.dtype}")
+        gelu = "" if self.activation == "none" else f", gelu_in_matmul={self.gelu_in_matmul}"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, activation={self.activation}"
+                f"{gelu}, dtype={self.dtype}")
+
+
+def gelu_fuses_into_matmul() -> bool:
+    """Whether oneDNN's matmul applies the MLP's GELU faster than a GELU after it: on CPUs with AVX-512. Without it
+    (AVX2), oneDNN's GELU as it writes the output cost more than aten's pass afterwards: S/16's fc1 at batch 1 took
+    2.24-2.38 ms with it and 1.70-1.79 ms with aten's after (AMD EPYC without AVX-512, torch 2.14, 2 cores)."""
+    return "avx512f" in cpu_flags()
 
 
 def _check_activation(activation: str) -> None:
@@ -236,13 +249,14 @@ class DynamicInt8Linear(nn.Module):
     always 128 levels; per-channel scales and the full 8 bits lift top-1 agreement with fp32 on the default
     Fashion-MNIST model from 99.26% to 99.67% (docs/results/inference_accuracy_*).
 
-    Two kernels compute the same rounded product. With 256 levels and oneDNN present, oneDNN's int8 linear
-    runs with the bias, the optional GELU and the output dtype folded into the matmul; measured at S/16
-    batch 16 (torch 2.14, 2 cores, AVX-512 VNNI) its matmul reaches 770-860 int8 GOP/s, fbgemm's dynamic
-    linear 570-650 including its own quantisation, and the fused GELU saves a pass over the largest
+    Two kernels compute the same rounded product. With oneDNN present and 256 levels, or 128 when compiled,
+    oneDNN's int8 linear runs with the bias, the optional GELU and the output dtype folded into the matmul;
+    measured at S/16 batch 16 (torch 2.14, 2 cores, AVX-512 VNNI) its matmul reaches 770-860 int8 GOP/s, fbgemm's
+    dynamic linear 570-650 including its own quantisation, and the fused GELU saves a pass over the largest
     activation. In one interleaved comparison the int8 S/16 forward ran at 2.35x the fp32 model's speed
-    with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise
-    fbgemm's dynamic linear, which quantises internally, with GELU and the cast applied after it.
+    with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise (eager calls
+    with 128 levels, or no oneDNN) fbgemm's dynamic linear, which quantises internally, with GELU and the cast
+    applied after it.
 
     `for_compile=True` builds the oneDNN kernel's module for torch.compile: it keeps the int8 weight for the
     traced form (`_traced_forward`), which compiling with freezing packs once, and packs it for eager calls only
@@ -256,16 +270,22 @@ class DynamicInt8Linear(nn.Module):
         _check_activation(activation)
         if kernel not in ("auto", "onednn", "fbgemm"):
             raise ValueError(f"unknown int8 kernel {kernel!r}: choose auto, onednn or fbgemm")
-        if kernel == "onednn" and (reduce_range or not onednn_int8_available()):
-            raise ValueError("the onednn int8 kernel needs 256 activation levels (reduce_range=False) and a torch "
-                             "built with oneDNN; use kernel='auto' or 'fbgemm'")
+        if kernel == "onednn" and not onednn_int8_available():
+            raise ValueError("the onednn int8 kernel needs a torch built with oneDNN's int8 linear; use kernel='auto' "
+                             "or 'fbgemm'")
         weight = linear.weight.detach().float()  # (out, in)
         scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)  # (out,), symmetric
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.reduce_range, self.activation, self.out_dtype = reduce_range, activation, out_dtype
+        self.levels = 127 if reduce_range else 255
+        """The highest activation level: activations are rounded onto 0..levels."""
         if kernel == "auto":
-            kernel = "onednn" if not reduce_range and onednn_int8_available() else "fbgemm"
+            # With 128 levels (no VNNI) eager calls go to fbgemm, which quantises inside its kernel: S/16's linears
+            # at batch 1 ran at 194-243 GOP/s there against oneDNN's 143-194 after a separate quantisation (AMD
+            # EPYC, AVX2). Compiled, that quantisation fuses with the op before it, and oneDNN's matmul alone ran
+            # at 243-275.
+            kernel = "onednn" if onednn_int8_available() and (for_compile or not reduce_range) else "fbgemm"
         self.kernel = kernel
         if self.kernel == "onednn":
             # `for_compile`: the int8 (out, in) weight that the traced form packs, a buffer so that freezing makes it
@@ -294,9 +314,9 @@ class DynamicInt8Linear(nn.Module):
         constant. The same levels as `_quantise_activations`; rounding ties may fall the other way."""
         rows = x.reshape(-1, self.in_features).float()  # (N, in)
         low, high = rows.amin().clamp(max=0.0), rows.amax().clamp(min=0.0)
-        scale = torch.where(high > low, (high - low) / 255, 1.0)  # an all-zero input: any scale represents it
-        zero_point = torch.round(-low / scale).clamp(0, 255).to(torch.int32)
-        x_uint8 = (torch.round(rows / scale) + zero_point).clamp(0, 255).to(torch.uint8)
+        scale = torch.where(high > low, (high - low) / self.levels, 1.0)  # all zero: any scale represents it
+        zero_point = torch.round(-low / scale).clamp(0, self.levels).to(torch.int32)
+        x_uint8 = (torch.round(rows / scale) + zero_point).clamp(0, self.levels).to(torch.uint8)
         packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
         out = torch.ops.onednn.qlinear_pointwise.tensor(
             x_uint8, scale, zero_point, packed, self.weight_scales, self.weight_zero_points, self.bias,
@@ -313,7 +333,7 @@ class DynamicInt8Linear(nn.Module):
             # (its recompile limit, 8 in torch 2.14; each compiled model is another entry), so pack now.
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        x_uint8, x_scale, x_zero_point = _quantise_activations(rows)
+        x_uint8, x_scale, x_zero_point = _quantise_activations(rows, self.levels)
         out = torch.ops.onednn.qlinear_pointwise(
             x_uint8, x_scale, x_zero_point, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
             1.0, 0, self.out_dtype, self.activation, [], "none")  # (N, out), dequantised, + bias, activation
@@ -400,11 +420,12 @@ class Int8PatchProjection(nn.Module):
         return self.linear(patches).reshape(b, gh, gw, -1).permute(0, 3, 1, 2)  # (B, D, gh, gw)
 
 
-def uint8_levels(low: float, high: float) -> tuple[float, int]:
-    """The scale and zero point of 256 levels spanning [min(low, 0), max(high, 0)] (an all-zero range: scale 1)."""
+def uint8_levels(low: float, high: float, levels: int = 255) -> tuple[float, int]:
+    """The scale and zero point of levels 0..`levels` spanning [min(low, 0), max(high, 0)] (an all-zero range:
+    scale 1)."""
     low, high = min(low, 0.0), max(high, 0.0)
-    scale = (high - low) / 255 or 1.0
-    return scale, min(max(round(-low / scale), 0), 255)
+    scale = (high - low) / levels or 1.0
+    return scale, min(max(round(-low / scale), 0), levels)
 
 
 def onednn_int8_available() -> bool:
@@ -417,9 +438,10 @@ def _round_to_int8(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
 
 
-def _quantise_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
-    """(N, in) float -> uint8 over 256 levels spanning [min(x, 0), max(x, 0)], with its scale and zero point."""
-    scale, zero_point = uint8_levels(*(v.item() for v in torch.aminmax(x)))
+def _quantise_activations(x: torch.Tensor, levels: int = 255) -> tuple[torch.Tensor, float, int]:
+    """(N, in) float -> uint8 on 0..`levels` spanning [min(x, 0), max(x, 0)], with its scale and zero point. The
+    range is x's own, so no value rounds above `levels`."""
+    scale, zero_point = uint8_levels(*(v.item() for v in torch.aminmax(x)), levels)
     with _quantised_tensors_allowed():
         quantised = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)  # one vectorised pass
     return _uint8_bytes(quantised), scale, zero_point
