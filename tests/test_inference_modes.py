@@ -74,21 +74,22 @@ KERNELS = [(False, "fbgemm"), (True, "fbgemm")] + ([(False, "onednn"), (True, "o
                                                   ("none", torch.bfloat16)])
 def test_int8_linear_computes_the_quantised_product(reduce_range, kernel, activation, out_dtype):
     if not reduce_range and not cpu_has_vnni():
-        pytest.skip("without VNNI the int8 multiply-adds saturate in 16 bits on 256 activation levels: InferenceModel "
-                    "takes 128 there, the reduce_range case")
-    # The known answer: weights rounded symmetrically per output channel (scale max|w| / 127), activations
-    # rounded per call onto 256 (or 128) levels spanning [min(x, 0), max(x, 0)]; then an exact integer product.
+        pytest.skip("without VNNI the int8 multiply-adds saturate in 16 bits with 8-bit weights: InferenceModel "
+                    "takes 7 there, the reduce_range case")
+    # The known answer: weights rounded symmetrically per output channel (scale max|w| / 127, or / 63 with
+    # reduce_range), activations rounded per call onto 256 levels spanning [min(x, 0), max(x, 0)]; then an exact
+    # integer product.
     torch.manual_seed(0)
     linear = torch.nn.Linear(64, 48)
     x = torch.randn(5, 7, 64) * 2 + 0.3
     w = linear.weight.detach()
-    w_scale = w.abs().amax(dim=1, keepdim=True) / 127
-    w_rounded = (w / w_scale).round().clamp(-128, 127) * w_scale
-    levels = 127 if reduce_range else 255
+    w_levels = 63 if reduce_range else 127
+    w_scale = w.abs().amax(dim=1, keepdim=True) / w_levels
+    w_rounded = (w / w_scale).round().clamp(-w_levels, w_levels) * w_scale
     low, high = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
-    x_scale = (high - low) / levels
+    x_scale = (high - low) / 255
     zero = round(-low / x_scale)
-    x_rounded = ((x / x_scale).round() + zero).clamp(0, levels).sub(zero) * x_scale
+    x_rounded = ((x / x_scale).round() + zero).clamp(0, 255).sub(zero) * x_scale
     expected = x_rounded @ w_rounded.T + linear.bias.detach()  # (5, 7, 48)
     expected = torch.nn.functional.gelu(expected) if activation == "gelu" else expected
     got = DynamicInt8Linear(linear, reduce_range, activation, out_dtype, kernel)(x)
@@ -170,7 +171,7 @@ def test_int8_linears_traced_form_rounds_as_the_eager_kernel(reduce_range, activ
                     reason="without oneDNN's int8 linear, int8 runs on fbgemm's, opaque to torch.compile")
 def test_compiled_int8_is_one_graph_with_the_eager_modes_logits():
     # Before, every int8 linear was opaque to dynamo: a compiled int8 model broke into a graph per layer. Without
-    # VNNI the eager mode runs fbgemm's kernel and the compiled one oneDNN's, both on 128 levels: the same product.
+    # VNNI the eager mode runs fbgemm's kernel and the compiled one oneDNN's, both on 7-bit weights: the same product.
     from torch._dynamo.utils import counters
 
     model = randomise_(create_model("Ti/8", img_size=16, num_classes=5, depth=2), seed=3).eval()
@@ -202,14 +203,14 @@ def test_int8_linear_without_onednn_is_refused_onednn_and_runs_fbgemm(monkeypatc
 
 @pytest.mark.skipif(not onednn_int8_available(), reason="torch without oneDNN's int8 linear")
 def test_int8_linear_kernel_by_levels_and_compilation():
-    # 256 levels: oneDNN, eager or compiled. 128 (no VNNI): fbgemm eagerly, which quantises inside its kernel;
-    # oneDNN for torch.compile, whose quantisation fuses with the op before.
+    # 8-bit weights (VNNI): oneDNN, eager or compiled. 7-bit (no VNNI): fbgemm eagerly, which quantises inside its
+    # kernel; oneDNN for torch.compile, whose quantisation fuses with the op before.
     linear = torch.nn.Linear(4, 3)
     assert DynamicInt8Linear(linear, False).kernel == "onednn"
     assert DynamicInt8Linear(linear, False, for_compile=True).kernel == "onednn"
     assert DynamicInt8Linear(linear, True).kernel == "fbgemm"
     assert DynamicInt8Linear(linear, True, for_compile=True).kernel == "onednn"
-    assert DynamicInt8Linear(linear, True).levels == 127 and DynamicInt8Linear(linear, False).levels == 255
+    assert DynamicInt8Linear(linear, True).weight_levels == 63 and DynamicInt8Linear(linear, False).weight_levels == 127
 
 
 @pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")

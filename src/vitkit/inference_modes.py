@@ -14,8 +14,8 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
   linear layers are packed as in fp32.
 - "bf16-mixed": fp32 weights, matmuls autocast to bf16 at every call (what training's bf16-mixed does).
 - "int8": the linear layers dynamically quantised to int8: weights once, symmetric per output channel;
-  activations per call, per tensor, over the full 8-bit range on CPUs with VNNI (7 bits elsewhere, where
-  the int8 kernels would saturate), with the MLP's GELU fused into its first linear. The attention between
+  activations per call, per tensor, over the full 8-bit range (weights on 7 bits on CPUs without VNNI, where
+  8 bits on both sides would saturate the int8 kernels), with the MLP's GELU fused into its first linear. The attention between
   the projections runs in bf16 or fp32, whichever this machine runs faster (timed once where the CPU has bf16
   dot products, else fp32). CPU only. With `int8_calibration` (vitkit.int8_calibration: each linear's input range
   measured once on sample images) the activations are rounded onto those fixed levels instead, and the MLP's first
@@ -243,19 +243,22 @@ def packed_linears_available(device: torch.device, dtype: torch.dtype) -> bool:
 class DynamicInt8Linear(nn.Module):
     """act(x W^T + b) on int8 kernels: int8 weights quantised once, activations quantised at every call.
 
-    Weights: symmetric, one scale per output channel. Activations: one scale and zero point per call,
-    spanning [min(x, 0), max(x, 0)] over 256 levels, or 128 where `reduce_range` (CPUs without VNNI, whose
-    int8 multiply-add saturates in 16 bits). torch.ao's quantize_dynamic uses per-tensor weight scales and
-    always 128 levels; per-channel scales and the full 8 bits lift top-1 agreement with fp32 on the default
-    Fashion-MNIST model from 99.26% to 99.67% (docs/results/inference_accuracy_*).
+    Weights: symmetric, one scale per output channel, on -127..127, or -63..63 where `reduce_range` (CPUs
+    without VNNI, whose int8 multiply-adds sum pairs of uint8 x int8 products in 16 bits: 2 x 255 x 127 saturates,
+    2 x 255 x 64 does not). Activations: one scale and zero point per call, spanning [min(x, 0), max(x, 0)] over 256
+    levels. torch.ao's quantize_dynamic uses per-tensor weight scales and 128 activation levels; per-channel scales
+    and the full 8 bits lift top-1 agreement with fp32 on the default Fashion-MNIST model from 99.26% to 99.67%
+    (docs/results/inference_accuracy_*). Without VNNI the weights give up the bit rather than the activations, as
+    ONNX Runtime's `reduce_range` does: with 128 activation levels a fast-preset model kept only 98.76% agreement
+    (AMD EPYC with AVX2 only; inference_accuracy_2026-12-07_0432), under the 99.5% bound.
 
-    Two kernels compute the same rounded product. With oneDNN present and 256 levels, or 128 when compiled,
-    oneDNN's int8 linear runs with the bias, the optional GELU and the output dtype folded into the matmul;
+    Two kernels compute the same rounded product. With oneDNN present and VNNI, or compiled, oneDNN's int8 linear
+    runs with the bias, the optional GELU and the output dtype folded into the matmul;
     measured at S/16 batch 16 (torch 2.14, 2 cores, AVX-512 VNNI) its matmul reaches 770-860 int8 GOP/s, fbgemm's
     dynamic linear 570-650 including its own quantisation, and the fused GELU saves a pass over the largest
     activation. In one interleaved comparison the int8 S/16 forward ran at 2.35x the fp32 model's speed
     with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise (eager calls
-    with 128 levels, or no oneDNN) fbgemm's dynamic linear, which quantises internally, with GELU and the cast
+    without VNNI, or no oneDNN) fbgemm's dynamic linear, which quantises internally, with GELU and the cast
     applied after it.
 
     `for_compile=True` builds the oneDNN kernel's module for torch.compile: it keeps the int8 weight for the
@@ -274,23 +277,22 @@ class DynamicInt8Linear(nn.Module):
             raise ValueError("the onednn int8 kernel needs a torch built with oneDNN's int8 linear; use kernel='auto' "
                              "or 'fbgemm'")
         weight = linear.weight.detach().float()  # (out, in)
-        scales = (weight.abs().amax(dim=1) / 127).clamp_min(1e-12)  # (out,), symmetric
+        self.weight_levels = 63 if reduce_range else 127
+        """The largest weight magnitude after rounding: weights are rounded onto -weight_levels..weight_levels."""
+        scales = (weight.abs().amax(dim=1) / self.weight_levels).clamp_min(1e-12)  # (out,), symmetric
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.reduce_range, self.activation, self.out_dtype = reduce_range, activation, out_dtype
-        self.levels = 127 if reduce_range else 255
-        """The highest activation level: activations are rounded onto 0..levels."""
         if kernel == "auto":
-            # With 128 levels (no VNNI) eager calls go to fbgemm, which quantises inside its kernel: S/16's linears
-            # at batch 1 ran at 194-243 GOP/s there against oneDNN's 143-194 after a separate quantisation (AMD
-            # EPYC, AVX2). Compiled, that quantisation fuses with the op before it, and oneDNN's matmul alone ran
-            # at 243-275.
+            # Without VNNI eager calls go to fbgemm, which quantises inside its kernel: S/16's linears at batch 1
+            # ran at 194-243 GOP/s there against oneDNN's 143-194 after a separate quantisation (AMD EPYC, AVX2).
+            # Compiled, that quantisation fuses with the op before it, and oneDNN's matmul alone ran at 243-275.
             kernel = "onednn" if onednn_int8_available() and (for_compile or not reduce_range) else "fbgemm"
         self.kernel = kernel
         if self.kernel == "onednn":
             # `for_compile`: the int8 (out, in) weight that the traced form packs, a buffer so that freezing makes it
             # (and its packing) a constant; else the packed weight for the eager form. One of the two, not both.
-            weight_int8 = _round_to_int8(weight, scales)
+            weight_int8 = _round_to_int8(weight, scales, self.weight_levels)
             self.register_buffer("weight_int8", weight_int8 if for_compile else None, persistent=False)
             self.packed = None if for_compile else torch.ops.onednn.qlinear_prepack(weight_int8, None)
             self.weight_scales = scales
@@ -314,9 +316,9 @@ class DynamicInt8Linear(nn.Module):
         constant. The same levels as `_quantise_activations`; rounding ties may fall the other way."""
         rows = x.reshape(-1, self.in_features).float()  # (N, in)
         low, high = rows.amin().clamp(max=0.0), rows.amax().clamp(min=0.0)
-        scale = torch.where(high > low, (high - low) / self.levels, 1.0)  # all zero: any scale represents it
-        zero_point = torch.round(-low / scale).clamp(0, self.levels).to(torch.int32)
-        x_uint8 = (torch.round(rows / scale) + zero_point).clamp(0, self.levels).to(torch.uint8)
+        scale = torch.where(high > low, (high - low) / 255, 1.0)  # an all-zero input: any scale represents it
+        zero_point = torch.round(-low / scale).clamp(0, 255).to(torch.int32)
+        x_uint8 = (torch.round(rows / scale) + zero_point).clamp(0, 255).to(torch.uint8)
         packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
         out = torch.ops.onednn.qlinear_pointwise.tensor(
             x_uint8, scale, zero_point, packed, self.weight_scales, self.weight_zero_points, self.bias,
@@ -326,14 +328,14 @@ class DynamicInt8Linear(nn.Module):
     @torch.compiler.disable  # opaque kernels and a storage view that dynamo need not trace
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel == "fbgemm":
-            out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, self.reduce_range)  # (..., out)
+            out = torch.ops.quantized.linear_dynamic(x.float(), self.packed, False)  # (..., out); 256 levels
             return (F.gelu(out) if self.activation == "gelu" else out).to(self.out_dtype)
         if self.packed is None:
             # Built for compile but called eagerly: dynamo runs a frame eagerly once it has compiled it too often
             # (its recompile limit, 8 in torch 2.14; each compiled model is another entry), so pack now.
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight_int8, None)
         rows = x.reshape(-1, self.in_features)  # (N, in)
-        x_uint8, x_scale, x_zero_point = _quantise_activations(rows, self.levels)
+        x_uint8, x_scale, x_zero_point = _quantise_activations(rows)
         out = torch.ops.onednn.qlinear_pointwise(
             x_uint8, x_scale, x_zero_point, self.packed, self.weight_scales, self.weight_zero_points, self.bias,
             1.0, 0, self.out_dtype, self.activation, [], "none")  # (N, out), dequantised, + bias, activation
@@ -420,12 +422,11 @@ class Int8PatchProjection(nn.Module):
         return self.linear(patches).reshape(b, gh, gw, -1).permute(0, 3, 1, 2)  # (B, D, gh, gw)
 
 
-def uint8_levels(low: float, high: float, levels: int = 255) -> tuple[float, int]:
-    """The scale and zero point of levels 0..`levels` spanning [min(low, 0), max(high, 0)] (an all-zero range:
-    scale 1)."""
+def uint8_levels(low: float, high: float) -> tuple[float, int]:
+    """The scale and zero point of 256 levels spanning [min(low, 0), max(high, 0)] (an all-zero range: scale 1)."""
     low, high = min(low, 0.0), max(high, 0.0)
-    scale = (high - low) / levels or 1.0
-    return scale, min(max(round(-low / scale), 0), levels)
+    scale = (high - low) / 255 or 1.0
+    return scale, min(max(round(-low / scale), 0), 255)
 
 
 def onednn_int8_available() -> bool:
@@ -433,15 +434,14 @@ def onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def _round_to_int8(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """(out, in) float weights -> int8, symmetric with one scale per output channel."""
-    return (weight / scales[:, None]).round().clamp(-128, 127).to(torch.int8)
+def _round_to_int8(weight: torch.Tensor, scales: torch.Tensor, levels: int = 127) -> torch.Tensor:
+    """(out, in) float weights -> int8 on -levels..levels, symmetric with one scale per output channel."""
+    return (weight / scales[:, None]).round().clamp(-levels, levels).to(torch.int8)
 
 
-def _quantise_activations(x: torch.Tensor, levels: int = 255) -> tuple[torch.Tensor, float, int]:
-    """(N, in) float -> uint8 on 0..`levels` spanning [min(x, 0), max(x, 0)], with its scale and zero point. The
-    range is x's own, so no value rounds above `levels`."""
-    scale, zero_point = uint8_levels(*(v.item() for v in torch.aminmax(x)), levels)
+def _quantise_activations(x: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(N, in) float -> uint8 over 256 levels spanning [min(x, 0), max(x, 0)], with its scale and zero point."""
+    scale, zero_point = uint8_levels(*(v.item() for v in torch.aminmax(x)))
     with _quantised_tensors_allowed():
         quantised = torch.quantize_per_tensor(x.float(), scale, zero_point, torch.quint8)  # one vectorised pass
     return _uint8_bytes(quantised), scale, zero_point
