@@ -76,7 +76,7 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float | 
     (int8 operands, int32 accumulation and result: oneDNN's VNNI or AMX kernels where the CPU has them).
 
     Where the CPU has no int8 dot products (VNNI, AMX), torch._int_mm falls back to a reference loop (1 GOP/s on an AMD
-    EPYC without AVX-512), and vitkit's int8 runs on fbgemm's linear with 7-bit activations instead: the int8 ceiling is
+    EPYC without AVX-512), and vitkit's int8 runs on fbgemm's linear with 7-bit weights instead: the int8 ceiling is
     then that linear's, with its activation quantisation. Where the CPU has no bf16 dot products, bf16 is emulated and
     there is no bf16 ceiling (None)."""
     if dtype == torch.bfloat16 and not cpu_has_native_bf16():
@@ -89,7 +89,7 @@ def matmul_ceiling(dtype: torch.dtype, n: int = 2048, reps: int = 7) -> float | 
         a, b = torch.randn(n, n), packed
 
         def multiply(x, w):
-            return torch.ops.quantized.linear_dynamic(x, w, True)
+            return torch.ops.quantized.linear_dynamic(x, w, False)  # 8-bit activations, as vitkit's int8 there
     elif dtype == torch.int8:
         generator = torch.Generator().manual_seed(0)
         a, b = (torch.randint(-128, 128, (n, n), dtype=torch.int8, generator=generator) for _ in range(2))
@@ -498,7 +498,7 @@ def main() -> int:
                "int8": matmul_ceiling(torch.int8)}
     ceiling = {k: v for k, v in ceiling.items() if v is not None}  # no bf16 ceiling where bf16 is emulated
     record["matmul_gflops"] = {k: round(v, 1) for k, v in ceiling.items()}
-    record["int8_ceiling_kernel"] = "torch._int_mm" if cpu_has_vnni() else "fbgemm's dynamic linear, 7-bit activations"
+    record["int8_ceiling_kernel"] = "torch._int_mm" if cpu_has_vnni() else "fbgemm's dynamic linear"
     shown = ", ".join(f"{k} {v:.0f} G{'OP' if k == 'int8' else 'FLOP'}/s" for k, v in ceiling.items())
     print(f"matmul ceiling: {shown} (int8 by {record['int8_ceiling_kernel']})", flush=True)
 

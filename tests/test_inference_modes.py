@@ -16,8 +16,9 @@ from vitkit.runtime import cpu_has_vnni
 
 # Largest logit difference allowed, relative to the largest fp32 logit. fp32 runs its linears through oneDNN,
 # which sums in another order than aten (measured 7.7e-7). bf16 keeps 8 bits of mantissa
-# (a relative rounding of 2^-9 per operation); int8 rounds weights to 255 levels per output channel and
-# activations to 255 levels (127 without VNNI) per call: measured 0.023 (0.053 with 7-bit activations).
+# (a relative rounding of 2^-9 per operation); int8 rounds weights to 255 levels per output channel (127 without
+# VNNI) and activations to 256 levels per call: measured 0.023 (0.042 with 7-bit weights; 0.053 with 7-bit
+# activations, the form before).
 TOLERANCE = {"fp32": 5e-6, "bf16": 0.02, "bf16-mixed": 0.02, "int8": 0.04 if cpu_has_vnni() else 0.07}
 
 

@@ -12,8 +12,8 @@ chooses on speed among the modes the device runs:
   BF16 and VNNI) int8 led at batch 16 (S/16: 46.0 against bf16's 34.4 images/s) and bf16 at batch 1 (Ti/16: 64.4
   against 56.8); on an Intel Xeon with AMX bf16 led at both; on an Intel Xeon whose AMX was not available (AVX-512
   BF16 and VNNI only) bf16 ran at half of fp32's speed (S/16 at batch 16: 13.0 against 18.9 images/s, int8 36.6); on
-  an AMD EPYC without AVX-512 (AVX2 only) int8, with 7-bit activations there, ran at 1.6x fp32 (S/16 at batch 1: 17.1
-  against 10.7 images/s) and kept the bound (99.55% top-1 agreement).
+  an AMD EPYC without AVX-512 (AVX2 only) int8, with 7-bit weights there, ran at 1.6x fp32 (S/16 at batch 1: 17.1
+  against 10.7 images/s).
 
 In training "auto" means bf16-mixed or fp32 (training keeps fp32 weights), and the same holds: on the AMD EPYC a
 bf16-mixed step of the default Fashion-MNIST model ran about 2.5x faster than fp32, on that Intel Xeon 0.72x

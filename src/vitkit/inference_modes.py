@@ -15,11 +15,11 @@ the measured speed and accuracy cost of each, and tests/test_inference_modes.py 
 - "bf16-mixed": fp32 weights, matmuls autocast to bf16 at every call (what training's bf16-mixed does).
 - "int8": the linear layers dynamically quantised to int8: weights once, symmetric per output channel;
   activations per call, per tensor, over the full 8-bit range (weights on 7 bits on CPUs without VNNI, where
-  8 bits on both sides would saturate the int8 kernels), with the MLP's GELU fused into its first linear. The attention between
-  the projections runs in bf16 or fp32, whichever this machine runs faster (timed once where the CPU has bf16
-  dot products, else fp32). CPU only. With `int8_calibration` (vitkit.int8_calibration: each linear's input range
-  measured once on sample images) the activations are rounded onto those fixed levels instead, and the MLP's first
-  linear hands its GELU output to the second in uint8 (CalibratedInt8Linear).
+  8 bits on both sides would saturate the int8 kernels), with the MLP's GELU fused into its first linear. The
+  attention between the projections runs in bf16 or fp32, whichever this machine runs faster (timed once where
+  the CPU has bf16 dot products, else fp32). CPU only. With `int8_calibration` (vitkit.int8_calibration: each
+  linear's input range measured once on sample images) the activations are rounded onto those fixed levels
+  instead, and the MLP's first linear hands its GELU output to the second in uint8 (CalibratedInt8Linear).
 `compile=True` adds torch.compile on top of any mode (a slow first call, faster calls after). On a CPU every mode
 compiles with its weights packed once at compile time (freezing) and C++ calling the kernels. Compiled, int8 is
 captured whole: each linear's activation quantisation becomes tensor ops that fuse with the LayerNorm or attention

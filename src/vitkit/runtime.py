@@ -69,7 +69,7 @@ def cpu_has_vnni() -> bool:
 
 def cpu_has_int8_kernels() -> bool:
     """Whether int8 inference has fast kernels on this CPU: int8 dot products (VNNI, AMX), or AVX2, on which fbgemm's
-    int8 linear runs with 7-bit activations (8 would saturate its 16-bit multiply-adds)."""
+    int8 linear runs with 7-bit weights (8-bit weights and activations would saturate its 16-bit multiply-adds)."""
     return cpu_has_vnni() or "avx2" in cpu_flags()
 
 
