@@ -253,13 +253,12 @@ class DynamicInt8Linear(nn.Module):
     (AMD EPYC with AVX2 only; inference_accuracy_2026-12-07_0432), under the 99.5% bound.
 
     Two kernels compute the same rounded product. With oneDNN present and VNNI, or compiled, oneDNN's int8 linear
-    runs with the bias, the optional GELU and the output dtype folded into the matmul;
-    measured at S/16 batch 16 (torch 2.14, 2 cores, AVX-512 VNNI) its matmul reaches 770-860 int8 GOP/s, fbgemm's
-    dynamic linear 570-650 including its own quantisation, and the fused GELU saves a pass over the largest
-    activation. In one interleaved comparison the int8 S/16 forward ran at 2.35x the fp32 model's speed
-    with fbgemm, 2.45x with oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise (eager calls
-    without VNNI, or no oneDNN) fbgemm's dynamic linear, which quantises internally, with GELU and the cast
-    applied after it.
+    runs with the bias, the optional GELU and the output dtype folded into the matmul; measured at S/16 batch 16
+    (torch 2.14, 2 cores, AVX-512 VNNI) its matmul reaches 770-860 int8 GOP/s, fbgemm's dynamic linear 570-650
+    including its own quantisation, and the fused GELU saves a pass over the largest activation. In one
+    interleaved comparison the int8 S/16 forward ran at 2.35x the fp32 model's speed with fbgemm, 2.45x with
+    oneDNN, and 2.63x with oneDNN and the attention in bf16. Otherwise (eager calls without VNNI, or no oneDNN)
+    fbgemm's dynamic linear, which quantises internally, with GELU and the cast applied after it.
 
     `for_compile=True` builds the oneDNN kernel's module for torch.compile: it keeps the int8 weight for the
     traced form (`_traced_forward`), which compiling with freezing packs once, and packs it for eager calls only
