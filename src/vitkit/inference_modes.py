@@ -281,7 +281,7 @@ class DynamicInt8Linear(nn.Module):
         scales = (weight.abs().amax(dim=1) / self.weight_levels).clamp_min(1e-12)  # (out,), symmetric
         bias = None if linear.bias is None else linear.bias.detach().float()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.reduce_range, self.activation, self.out_dtype = reduce_range, activation, out_dtype
+        self.activation, self.out_dtype = activation, out_dtype
         if kernel == "auto":
             # Without VNNI eager calls go to fbgemm, which quantises inside its kernel: S/16's linears at batch 1
             # ran at 194-243 GOP/s there against oneDNN's 143-194 after a separate quantisation (AMD EPYC, AVX2).
@@ -342,7 +342,7 @@ class DynamicInt8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}, "
-                f"reduce_range={self.reduce_range}, activation={self.activation}, out_dtype={self.out_dtype}")
+                f"weight_levels={self.weight_levels}, activation={self.activation}, out_dtype={self.out_dtype}")
 
 
 class CalibratedInt8Linear(DynamicInt8Linear):
@@ -433,7 +433,7 @@ def onednn_int8_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")
 
 
-def _round_to_int8(weight: torch.Tensor, scales: torch.Tensor, levels: int = 127) -> torch.Tensor:
+def _round_to_int8(weight: torch.Tensor, scales: torch.Tensor, levels: int) -> torch.Tensor:
     """(out, in) float weights -> int8 on -levels..levels, symmetric with one scale per output channel."""
     return (weight / scales[:, None]).round().clamp(-levels, levels).to(torch.int8)
 
