@@ -27,7 +27,6 @@ from vitkit.data import eval_transform, load_dataset
 from vitkit.inference import load_for_inference, normalisation
 from vitkit.inference_modes import MODES, InferenceModel, fastest_inference_mode, onednn_int8_available
 from vitkit.int8_calibration import calibrate_int8
-from vitkit.runtime import cpu_has_vnni
 
 GOALS = {"agreement_at_least": 0.995, "accuracy_within_points": 0.2}
 BATCH = 500
@@ -85,7 +84,7 @@ def main() -> int:
                for compiled in ((False,) if args.no_compile else (False, True)) for precision in MODES}
     # Calibrated as a deployer would: on training images (the first 1,000), vitkit's int8 as OpenVINO's.
     calibration = torch.stack([transform(data.train[i][0]) for i in range(min(1000, len(data.train)))])
-    if onednn_int8_available() and cpu_has_vnni():
+    if onednn_int8_available():
         ranges = calibrate_int8(model, calibration)
         runners.update({"int8 calibrated" + (" + compile" if compiled else ""):
                         (lambda c=compiled: InferenceModel(model, "int8", c, int8_calibration=ranges))

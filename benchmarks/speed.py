@@ -231,7 +231,7 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
     for precision, compiled in modes:
         runner = InferenceModel(model, precision, compile=compiled)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
-    if onednn_int8_available() and cpu_has_vnni():
+    if onednn_int8_available():
         # int8 with its activation ranges measured beforehand, on the random images OpenVINO's int8 is calibrated on
         calibration = calibrate_int8(model, random_calibration_images((batch, 3, 224, 224)))
         for compiled in (False, True) if with_compile else (False,):
