@@ -176,7 +176,8 @@ def _memory_child(spec: str) -> int:
             with torch.inference_mode():
                 run(x)
     else:
-        contenders, *_ = training_contenders(job["what"], job["batch"], "compile" in job["contender"])
+        contenders, *_ = training_contenders(job["what"], job["batch"], "compile" in job["contender"],
+                                             with_bf16="bf16" in job["contender"])
         call = contenders[job["contender"]]
     print(json.dumps(peak_extra_memory(call)))
     return 0
@@ -378,8 +379,11 @@ def _onnx_runner(session):
     return run
 
 
-def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
-    """{name: step()} training steps of vitkit and timm with the same configuration, the data, and FLOPs/image."""
+def training_contenders(shape: str, batch: int, with_compile: bool,
+                        with_bf16: bool = True) -> tuple[dict, torch.Tensor, torch.Tensor, float]:
+    """{name: step()} training steps of vitkit and timm with the same configuration, the data, and FLOPs/image.
+    Compiled, each trains in bf16 autocast, or in fp32 without `with_bf16` (which also leaves out the eager bf16
+    steps)."""
     from timm.models.vision_transformer import VisionTransformer
 
     if shape == "fashion-mnist default":
@@ -421,12 +425,14 @@ def training_contenders(shape: str, batch: int, with_compile: bool) -> tuple[dic
         return step
 
     contenders = {"timm fp32": stepper(timm_model(), False, False),
-                  "timm bf16 autocast": stepper(timm_model(), False, True),
-                  "vitkit fp32": stepper(vitkit_model(), False, False),
-                  "vitkit bf16 autocast": stepper(vitkit_model(), False, True)}
+                  "vitkit fp32": stepper(vitkit_model(), False, False)}
+    if with_bf16:
+        contenders["timm bf16 autocast"] = stepper(timm_model(), False, True)
+        contenders["vitkit bf16 autocast"] = stepper(vitkit_model(), False, True)
     if with_compile:
-        contenders["timm compile + bf16 autocast"] = stepper(timm_model(), True, True)
-        contenders["vitkit compile + bf16 autocast"] = stepper(vitkit_model(), True, True)
+        precision = "bf16 autocast" if with_bf16 else "fp32"
+        contenders[f"timm compile + {precision}"] = stepper(timm_model(), True, with_bf16)
+        contenders[f"vitkit compile + {precision}"] = stepper(vitkit_model(), True, with_bf16)
     return contenders, images, labels, flops
 
 
@@ -460,8 +466,9 @@ def main() -> int:
     parser.add_argument("--no-onnx", action="store_true", help="leave out the ONNX Runtime contenders")
     parser.add_argument("--no-openvino", action="store_true", help="leave out the OpenVINO contenders")
     parser.add_argument("--no-bf16", action="store_true",
-                        help="leave out the inference contenders that compute in bf16 (on a CPU without bf16 dot "
-                             "products they run emulated, several times slower than fp32, and take most of the run)")
+                        help="leave out the contenders that compute in bf16, and compile the training steps in fp32 "
+                             "instead of bf16 autocast (on a CPU without bf16 dot products bf16 runs emulated, several "
+                             "times slower than fp32, and takes most of the run)")
     parser.add_argument("--accuracy", help="an inference_accuracy_*.json of benchmarks/inference_accuracy.py: the "
                         "raised goals then hold vitkit's auto mode only against runtime modes within the accuracy "
                         "bound there")
@@ -533,7 +540,8 @@ def main() -> int:
     shapes = [("fashion-mnist default", 128)] + ([] if args.quick or args.no_ti224_training else [("Ti/16 @224", 32)])
     for shape, batch in shapes:
         torch._dynamo.reset()
-        contenders, images, labels, flops = training_contenders(shape, batch, not args.no_compile)
+        contenders, images, labels, flops = training_contenders(shape, batch, not args.no_compile,
+                                                                with_bf16=not args.no_bf16)
         measured = interleaved(contenders, lambda step: step(), reps, min_seconds=2.0)
         for name in measured:  # compiling the 224-pixel training graphs again only for memory takes too long
             skip = "compile" in name and shape != "fashion-mnist default"

@@ -141,3 +141,38 @@ def test_inference_model_auto_runs_the_chosen_mode(monkeypatch, tmp_path):
         assert "timed before" in fastest_inference_mode(model, CPU, 3).reason
     with pytest.raises(ValueError, match="batch_size must be at least 1, got 0"):
         fastest_inference_mode(model, CPU, 0)
+
+
+def test_a_choice_timed_by_other_vitkit_code_is_timed_again(monkeypatch, tmp_path):
+    # The digest covers every source file of the package, by path and content.
+    package = tmp_path / "package"
+    (package / "model").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "model" / "b.py").write_text("y = 2\n")
+    monkeypatch.setattr(fastest_mode, "__file__", str(package / "fastest_mode.py"))
+
+    def digest() -> str:
+        fastest_mode.code_digest.cache_clear()
+        return fastest_mode.code_digest()
+
+    first = digest()
+    assert len(first) == 16 and digest() == first
+    (package / "model" / "b.py").write_text("y = 3\n")
+    assert digest() != first
+    (package / "model" / "b.py").write_text("y = 2\n")
+    assert digest() == first
+    (package / "model" / "b.py").rename(package / "b.py")  # the same content elsewhere is other code
+    assert digest() != first
+    fastest_mode.code_digest.cache_clear()
+    monkeypatch.undo()
+
+    # The key holds the digest, so a choice cached under other code is not reused.
+    model = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, num_classes=5, width=32, depth=1, heads=2,
+                          mlp_dim=64)).eval()
+    key = fastest_mode.timing_key(model.cfg.to_dict(), CPU, 4, False)
+    assert key["vitkit"] == fastest_mode.code_digest()
+    choose(("bf16", "int8"), sleeper({"bf16": 0.02, "int8": 0.0}, []), key, tmp_path)
+    built: list[str] = []
+    newer = {**key, "vitkit": "0" * 16}
+    assert choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, built), newer, tmp_path).precision == "bf16"
+    assert sorted(built) == ["bf16", "int8"]

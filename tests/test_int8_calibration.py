@@ -15,7 +15,8 @@ from vitkit.int8_calibration import Int8Calibration, calibrate_int8, linear_name
 from vitkit.model import create_model
 from vitkit.runtime import cpu_has_vnni
 
-needs_onednn_int8 = pytest.mark.skipif(not onednn_int8_available(), reason="calibrated int8 runs on oneDNN's int8 linear")
+needs_onednn_int8 = pytest.mark.skipif(not onednn_int8_available(),
+                                       reason="calibrated int8 runs on oneDNN's int8 linear")
 # Without VNNI the int8 modes keep weights on 7 bits (-63..63): 8-bit weights times 8-bit activations saturate the
 # 16-bit pair sums of the AVX2 kernels there.
 WEIGHT_LEVELS = [63, 127] if cpu_has_vnni() else [63]

@@ -123,3 +123,14 @@ def test_with_the_accuracy_bound_only_the_runtime_modes_that_kept_it_count(tmp_p
     assert bound["goal"].endswith("within the accuracy bound")
     with pytest.raises(SystemExit, match="not a results file"):
         speed.accuracy_bound(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("with_bf16, expected", [
+    (True, {"timm fp32", "vitkit fp32", "timm bf16 autocast", "vitkit bf16 autocast", "timm compile + bf16 autocast",
+            "vitkit compile + bf16 autocast"}),
+    (False, {"timm fp32", "vitkit fp32", "timm compile + fp32", "vitkit compile + fp32"})])
+def test_without_bf16_the_training_steps_compile_in_fp32(with_bf16, expected):
+    pytest.importorskip("timm")
+    contenders, images, labels, _ = speed.training_contenders("fashion-mnist default", 2, True, with_bf16=with_bf16)
+    assert set(contenders) == expected and images.shape == (2, 1, 28, 28) and labels.shape == (2,)
+    contenders["vitkit fp32"]()  # an eager step runs (the compiled ones would take a compilation each)

@@ -22,7 +22,8 @@ model (forward and backward, eager), else the features decide.
 
 Each timing runs once on the model itself, at the batch it will run (at most `MAX_TIMED_BATCH`), and the faster
 mode is remembered in a cache file keyed by everything the timing depends on: the CPU, torch's version and
-threads, the model's config, the batch, compilation, and inference or training.
+threads, vitkit's code (a digest of its source files: a choice timed with other kernels is not reused), the model's
+config, the batch, compilation, and inference or training.
 
 The cache is `$VITKIT_CACHE_DIR/fastest_mode.json` (default `~/.cache/vitkit/`). A cache that cannot be read is
 measured over; one that cannot be written only costs the timing again next time.
@@ -33,6 +34,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import statistics
@@ -138,8 +140,19 @@ def choose_on_model(model: nn.Module, device: torch.device, batch_size: int, opt
 def timing_key(model_config: dict, device: torch.device, batch: int, compile: bool) -> dict:
     """Everything a timing of the modes depends on; a cached choice is reused only under an equal key."""
     return {"cpu": cpu_model_name(), "features": sorted(cpu_flags() & MATRIX_FLAGS), "device": str(device),
-            "torch": torch.__version__, "threads": torch.get_num_threads(), "model": model_config,
-            "batch": batch, "compile": compile}
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "vitkit": code_digest(),
+            "model": model_config, "batch": batch, "compile": compile}
+
+
+@functools.cache
+def code_digest() -> str:
+    """A digest of vitkit's Python source (every .py file of the package, by path and content): the modes' kernels
+    and forms change between versions without the version number changing, and a cached choice must follow them."""
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 MATRIX_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "amx_int8", "amx_tile", "avx512_vnni", "avx_vnni", "avx512f",
