@@ -238,8 +238,43 @@ def test_packed_linear_fuses_gelu_on_avx512_cpus_only(monkeypatch, flags, fused)
 @pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
 def test_fp32_mode_packs_its_linears_unless_compiled():
     model = create_model("Ti/8", img_size=16, num_classes=3, depth=1)
-    block = InferenceModel(model, "fp32").model.blocks[0]
+    block = InferenceModel(model, "fp32", fp32_linears="packed").model.blocks[0]
     assert isinstance(block.attn.qkv, PackedLinear) and block.mlp.fc1.activation == "gelu"
     assert isinstance(block.mlp.act, torch.nn.Identity)
     compiled = InferenceModel(model, "fp32", compile=True).model.blocks[0]
     assert isinstance(compiled.attn.qkv, torch.nn.Linear) and isinstance(compiled.mlp.act, torch.nn.GELU)
+
+
+@pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+def test_fp32_mode_with_aten_linears_is_the_plain_model_exactly(model_and_images):
+    model, images, reference = model_and_images
+    runner = InferenceModel(model, "fp32", fp32_linears="aten")
+    assert not runner.packed_linears and not any(isinstance(m, PackedLinear) for m in runner.modules())
+    assert torch.equal(runner(images), reference)
+    assert InferenceModel(model, "fp32", fp32_linears="packed").packed_linears
+    with pytest.raises(ValueError, match="unknown fp32_linears 'mkl'"):
+        InferenceModel(model, "fp32", fp32_linears="mkl")
+
+
+@pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+@pytest.mark.parametrize("avx512", [True, False])
+def test_fp32_linears_are_packed_with_avx512_and_else_the_timed_faster(monkeypatch, tmp_path, avx512):
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path))
+    flags = {"avx2", "fma", "avx512f"} if avx512 else {"avx2", "fma"}
+    monkeypatch.setattr(inference_modes, "cpu_flags", lambda: frozenset(flags))
+    model = create_model("Ti/8", img_size=16, num_classes=3, depth=1)
+    choice = inference_modes.fp32_linears_choice(model, torch.device("cpu"), 4)
+    runner = InferenceModel(model, "fp32", batch_size=4)
+    assert runner.packed_linears is (choice.precision == "packed")
+    assert isinstance(runner.model.blocks[0].attn.qkv, PackedLinear) is runner.packed_linears
+    if avx512:
+        assert choice.precision == "packed" and choice.median_ms is None
+        assert not (tmp_path / "fastest_mode.json").exists()
+    else:
+        assert set(choice.median_ms) == {"packed", "aten"}
+        assert choice.median_ms[choice.precision] == min(choice.median_ms.values())
+        (entry,) = json.loads((tmp_path / "fastest_mode.json").read_text()).values()
+        assert entry["key"]["fp32_linears"] is True and entry["precision"] == choice.precision
+    # bf16 and compiled modes do not ask
+    monkeypatch.setattr(inference_modes, "fp32_linears_choice", lambda *a, **k: pytest.fail("asked"))
+    assert not InferenceModel(model, "fp32", compile=True).packed_linears

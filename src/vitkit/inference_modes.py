@@ -6,9 +6,9 @@ are vitkit.runtime's vocabulary; "auto" is the fastest mode on this machine (vit
 `batch_size` where the CPU's features do not decide it. Each mode trades a little accuracy for speed; docs/results/ has
 the measured speed and accuracy cost of each, and tests/test_inference_modes.py the tolerances.
 
-- "fp32": the model as trained. On a CPU its linear layers run through oneDNN with their weights packed
-  once and, on CPUs with AVX-512, the MLP's GELU fused (PackedLinear): the same arithmetic up to float rounding,
-  faster.
+- "fp32": the model as trained. On a CPU with AVX-512 its linear layers run through oneDNN with their weights
+  packed once and the MLP's GELU fused (PackedLinear): the same arithmetic up to float rounding, faster. Elsewhere
+  packed or as the model's own, whichever was timed faster on the model at its batch (fp32_linears_choice).
 - "bf16": a bfloat16 copy of the weights made once; images are cast on the way in. On CPUs with
   AVX-512 BF16 or AMX the matmuls run at the bf16 rate and no per-call weight casts are paid; the
   linear layers are packed as in fp32.
@@ -58,8 +58,11 @@ class InferenceModel(nn.Module):
     def __init__(self, model: nn.Module, precision: Precision = "auto", compile: bool = False,
                  keep_freed_memory: bool = False, batch_size: int = 16,
                  int8_attention: Literal["auto", "bf16", "fp32"] = "auto",
-                 int8_calibration: Int8Calibration | None = None):
+                 int8_calibration: Int8Calibration | None = None,
+                 fp32_linears: Literal["auto", "packed", "aten"] = "auto"):
         super().__init__()
+        if fp32_linears not in ("auto", "packed", "aten"):
+            raise ValueError(f"unknown fp32_linears {fp32_linears!r}: choose auto, packed or aten")
         device = next(model.parameters()).device
         if int8_calibration is not None:
             int8_calibration.check(model)
@@ -78,7 +81,12 @@ class InferenceModel(nn.Module):
         if precision == "bf16":
             inner = inner.to(torch.bfloat16)
         # Compiled, inductor lays out the weights itself.
-        if precision in ("fp32", "bf16") and not compile and packed_linears_available(device, dtype):
+        packable = precision in ("fp32", "bf16") and not compile and packed_linears_available(device, dtype)
+        if packable and precision == "fp32" and fp32_linears == "auto":
+            fp32_linears = fp32_linears_choice(model, device, batch_size).precision
+        self.packed_linears = packable and (precision == "bf16" or fp32_linears != "aten")
+        """Whether the linear layers run packed for oneDNN (PackedLinear), else as the model's own (aten's)."""
+        if self.packed_linears:
             _swap_linears(inner, lambda linear, activation, *_: PackedLinear(linear, activation, dtype))
         elif precision == "int8":
             # The attention between the int8 projections is the one part int8 does not cover (about a fifth of
@@ -140,7 +148,8 @@ class InferenceModel(nn.Module):
 
     def extra_repr(self) -> str:
         calibrated = ", int8 calibrated" if self.int8_calibrated else ""
-        return f"precision={self.precision}, compiled={self.compiled}{calibrated}"
+        packed = ", linears packed" if self.packed_linears else ""
+        return f"precision={self.precision}, compiled={self.compiled}{packed}{calibrated}"
 
 
 def _inductor_settings(settings: dict) -> contextlib.AbstractContextManager:
@@ -186,6 +195,24 @@ def int8_attention_choice(model: nn.Module, device: torch.device, batch_size: in
     purpose = {"int8_attention": True, **({"int8_calibrated": True} if int8_calibration is not None else {})}
     return fastest_mode.choose_on_model(model, device, batch_size, ("bf16", "fp32"), build, compile,
                                         purpose=purpose, cache=cache)
+
+
+def fp32_linears_choice(model: nn.Module, device: torch.device, batch_size: int = 16,
+                        cache: Path | None = None) -> fastest_mode.ModeChoice:
+    """Whether fp32 mode runs its linear layers packed for oneDNN (PackedLinear: "packed") or as the model's own
+    (aten's matmul, MKL's sgemm: "aten"). Packed on CPUs with AVX-512, where it ran faster at S/16 (PackedLinear's
+    timings); elsewhere both are timed once on the model, as "auto"'s modes are (vitkit.fastest_mode), and the faster
+    remembered. On an AMD EPYC with AVX2 only the order depends on the batch: at S/16 batch 16 aten's ran 1.06-1.08x
+    the packed ones, at batch 1 0.90-1.01x."""
+    if gelu_fuses_into_matmul():  # the AVX-512 test: where packing was measured faster
+        return fastest_mode.ModeChoice("packed", "packed linears ran faster on CPUs with AVX-512")
+
+    def build(linears: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
+        runner = InferenceModel(model, "fp32", batch_size=batch_size, fp32_linears=linears)
+        return lambda: runner(images())
+
+    return fastest_mode.choose_on_model(model, device, batch_size, ("packed", "aten"), build,
+                                        purpose={"fp32_linears": True}, cache=cache)
 
 
 class PackedLinear(nn.Module):
