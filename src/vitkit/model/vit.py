@@ -269,22 +269,25 @@ class Attention(nn.Module):
         q, k, v = qkv.unbind(0)  # each (B, h, T, hd)
         bias = bias.to(q.dtype) if bias is not None else None
         dropout_p = self.attn_dropout if self.training else 0.0
-        # The fused kernel, except when the caller wants the weights, or for bf16 on a CPU when a backward pass
-        # follows: there PyTorch's flash-attention backward is far slower than three plain matmuls (about 5x at
-        # 50 tokens, torch 2.14), which made bf16 training slower than fp32. Where the (B, h, T, T)
-        # probabilities are large, those matmuls recompute them in backward, as the fused kernel does, so
-        # training memory stays at its level (except with attention dropout, whose mask the recomputation would
-        # have to keep). Where they are small, autograd keeps them: forward and backward of one layer took
-        # 4.2 against 4.9 ms at batch 128 and 17 tokens, 5.9 against 7.2 ms at 26 (torch 2.14, 2 cores).
+        # The fused kernel, except when the caller wants the weights, or on a CPU when a backward pass follows:
+        # there PyTorch's flash-attention backward is slower than three plain matmuls, in bf16 far slower (about
+        # 5x at 50 tokens, torch 2.14), which made bf16 training slower than fp32. Where the (B, h, T, T)
+        # probabilities are small, autograd keeps them: forward and backward of one layer took 4.2 against
+        # 4.9 ms in bf16 at batch 128 and 17 tokens, 5.9 against 7.2 ms at 26; in fp32 4.7 against 6.7 ms at
+        # batch 256 and 13 tokens, 9.7 against 10.3 at 26 (the fast preset's compiled step: 1.08x and 1.05x;
+        # torch 2.14, 2 cores, AMD EPYC with AVX2). Where they are large, bf16 recomputes them in backward, as the
+        # fused kernel does, so training memory stays at its level (except with attention dropout, whose mask
+        # the recomputation would have to keep); fp32 keeps the fused kernel there.
         # Without a backward the fused forward is the faster: S/16's attention in bf16 at 197 tokens took 0.25
         # against 0.34 ms per layer at batch 1 and 3.0 against 3.5 ms at batch 16 (Intel Xeon with AMX).
         # q was made in this call, so it requires grad exactly when autograd records it: a backward may follow.
-        cpu_bf16_training = q.dtype == torch.bfloat16 and q.device.type == "cpu" and q.requires_grad
+        cpu_training = q.device.type == "cpu" and q.requires_grad
+        cpu_bf16_training = cpu_training and q.dtype == torch.bfloat16
         small = q.shape[0] * q.shape[1] * t * t <= KEPT_PROBABILITIES_MAX
         # Exported with a dynamic size, the fused kernel with a bias decomposes into a graph whose output layout
         # the exporter gets wrong (torch 2.14): the explicit matmuls export correctly.
         biased_export = bias is not None and torch.compiler.is_exporting()
-        if need_weights or (cpu_bf16_training and (dropout_p > 0 or small)) or biased_export:
+        if need_weights or (cpu_training and small) or (cpu_bf16_training and dropout_p > 0) or biased_export:
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = (attn if bias is None else attn + bias).softmax(dim=-1)
             out = F.dropout(attn, dropout_p, self.training) @ v  # (B, h, T, hd)
