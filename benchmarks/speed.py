@@ -19,7 +19,8 @@ What it measures:
   (LayerNorms around its patch embedding), so it gets the same dimensions but its own weights;
 - training images/s (forward, cross-entropy, backward, AdamW step) of the default Fashion-MNIST shape and
   of Ti/16 at 224: vitkit against timm, each eager fp32, eager with bf16 autocast and compiled with bf16 autocast
-  (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.compile);
+  (each compiled as its trainer does: vitkit with the activation budget of vitkit.train.compile); with `--no-bf16`
+  eager fp32 and compiled fp32;
 - the peak memory each adds while it runs: in a fresh process per contender, how far the peak resident
   set rises above its size once the models are built, over the first call (compilation included) and,
   separately, over the calls after it (batch 16 for inference; compiled contenders only in the

@@ -280,13 +280,15 @@ class Attention(nn.Module):
         # the recomputation would have to keep); fp32 keeps the fused kernel there.
         # Without a backward the fused forward is the faster: S/16's attention in bf16 at 197 tokens took 0.25
         # against 0.34 ms per layer at batch 1 and 3.0 against 3.5 ms at batch 16 (Intel Xeon with AMX).
-        # q was made in this call, so it requires grad exactly when autograd records it: a backward may follow.
-        cpu_training = q.device.type == "cpu" and q.requires_grad
+        # q was made in this call, so it requires grad exactly when autograd records it: a backward may follow
+        # (not when exporting, which traces with the parameters' requires_grad but exports inference).
+        exporting = torch.compiler.is_exporting()
+        cpu_training = q.device.type == "cpu" and q.requires_grad and not exporting
         cpu_bf16_training = cpu_training and q.dtype == torch.bfloat16
         small = q.shape[0] * q.shape[1] * t * t <= KEPT_PROBABILITIES_MAX
         # Exported with a dynamic size, the fused kernel with a bias decomposes into a graph whose output layout
         # the exporter gets wrong (torch 2.14): the explicit matmuls export correctly.
-        biased_export = bias is not None and torch.compiler.is_exporting()
+        biased_export = bias is not None and exporting
         if need_weights or (cpu_training and small) or (cpu_bf16_training and dropout_p > 0) or biased_export:
             attn = (q * self.head_dim**-0.5) @ k.transpose(-2, -1)  # (B, h, T, T)
             attn = (attn if bias is None else attn + bias).softmax(dim=-1)
