@@ -231,14 +231,14 @@ def inference_contenders(size: str, with_compile: bool, with_onnx: bool = False,
             choice = fastest_inference_mode(model, torch.device("cpu"), batch, cache=Path(cache))
         auto = {"precision": choice.precision, "median_ms": choice.median_ms}
     for precision, compiled in modes:
-        runner = InferenceModel(model, precision, compile=compiled)
+        runner = InferenceModel(model, precision, compile=compiled, batch_size=batch)
         contenders[f"vitkit {precision}" + (" + compile" if compiled else "")] = runner
     if onednn_int8_available():
         # int8 with its activation ranges measured beforehand, on the random images OpenVINO's int8 is calibrated on
         calibration = calibrate_int8(model, random_calibration_images((batch, 3, 224, 224)))
         for compiled in (False, True) if with_compile else (False,):
             contenders["vitkit int8 calibrated" + (" + compile" if compiled else "")] = InferenceModel(
-                model, "int8", compile=compiled, int8_calibration=calibration)
+                model, "int8", compile=compiled, batch_size=batch, int8_calibration=calibration)
     if with_onnx or with_openvino:
         contenders.update(exported_contenders(model, with_onnx, with_openvino, batch))
     if not with_bf16:

@@ -168,7 +168,7 @@ def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: i
     calibrated form."""
 
     def build(precision: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
-        runner = InferenceModel(model, precision, compile, int8_calibration=int8_calibration)
+        runner = InferenceModel(model, precision, compile, batch_size=batch_size, int8_calibration=int8_calibration)
         return lambda: runner(images())
 
     purpose = {"int8_calibrated": True} if int8_calibration is not None else None
