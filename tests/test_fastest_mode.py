@@ -106,10 +106,26 @@ def test_a_remembered_mode_that_is_no_longer_a_candidate_is_timed_again(tmp_path
 
 def test_an_unreadable_cache_is_timed_over_and_rewritten(tmp_path):
     (tmp_path / CACHE_FILE).write_text("[1, 2")
-    with pytest.warns(UserWarning, match=rf"ignoring the unreadable mode cache .*{CACHE_FILE}"):
+    with pytest.warns(UserWarning, match=rf"ignoring the unreadable mode cache .*{CACHE_FILE}") as caught:
         choice = choose(("bf16", "int8"), sleeper({"bf16": 0.0, "int8": 0.02}, []), KEY, tmp_path)
+    assert len(caught) == 1
     assert choice.precision == "bf16"
     assert json.loads((tmp_path / CACHE_FILE).read_text())[json.dumps(KEY, sort_keys=True)]["precision"] == "bf16"
+
+
+def test_choices_recorded_while_timing_are_kept(tmp_path):
+    # A mode's build may time a choice of its own (fp32's linears) and record it in the same file meanwhile.
+    nested_key = {**KEY, "fp32_linears": True}
+
+    def build(mode):
+        if mode == "fp32":
+            choose(("packed", "aten"), sleeper({"packed": 0.0, "aten": 0.02}, []), nested_key, tmp_path)
+        return lambda: time.sleep({"fp32": 0.0, "int8": 0.02}[mode])
+
+    assert choose(("fp32", "int8"), build, KEY, tmp_path).precision == "fp32"
+    entries = json.loads((tmp_path / CACHE_FILE).read_text())
+    assert {key: entry["precision"] for key, entry in entries.items()} == {
+        json.dumps(KEY, sort_keys=True): "fp32", json.dumps(nested_key, sort_keys=True): "packed"}
 
 
 def test_an_unwritable_cache_still_chooses(tmp_path):

@@ -257,6 +257,24 @@ def test_fp32_mode_with_aten_linears_is_the_plain_model_exactly(model_and_images
 
 
 @pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
+def test_auto_keeps_its_nested_choices_in_the_cache_it_was_given(monkeypatch, tmp_path):
+    # "auto" times fp32 with the linears' own timed choice inside it: both belong in the record the caller named.
+    default, given = tmp_path / "default", tmp_path / "given"
+    monkeypatch.setenv("VITKIT_CACHE_DIR", str(default))
+    monkeypatch.setattr(inference_modes, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+    monkeypatch.setattr(inference_modes.fastest_mode, "candidates", lambda device: ("bf16-mixed", "fp32"))
+    model = create_model("Ti/8", img_size=16, num_classes=3, depth=1)
+    choice = inference_modes.fastest_inference_mode(model, torch.device("cpu"), 4, cache=given)
+    entries = json.loads((given / "fastest_mode.json").read_text()).values()
+    assert sorted(bool(entry["key"].get("fp32_linears")) for entry in entries) == [False, True]
+    assert choice.precision in ("bf16-mixed", "fp32")
+    assert not default.exists()
+    runner = InferenceModel(model, "auto", batch_size=4, timing_cache=given)  # both answered from the record
+    assert runner.precision == choice.precision and "timed before" in runner.choice.reason
+    assert not default.exists()
+
+
+@pytest.mark.skipif(not packed_linears_available(torch.device("cpu"), torch.float32), reason="torch without oneDNN")
 @pytest.mark.parametrize("avx512", [True, False])
 def test_fp32_linears_are_packed_with_avx512_and_else_the_timed_faster(monkeypatch, tmp_path, avx512):
     monkeypatch.setenv("VITKIT_CACHE_DIR", str(tmp_path))

@@ -134,3 +134,17 @@ def test_without_bf16_the_training_steps_compile_in_fp32(with_bf16, expected):
     contenders, images, labels, _ = speed.training_contenders("fashion-mnist default", 2, True, with_bf16=with_bf16)
     assert set(contenders) == expected and images.shape == (2, 1, 28, 28) and labels.shape == (2,)
     contenders["vitkit fp32"]()  # an eager step runs (the compiled ones would take a compilation each)
+
+
+@pytest.mark.parametrize("timm_compiled", ["timm compile + bf16 autocast", "timm compile + fp32"])
+def test_the_training_goal_holds_vitkit_against_the_compiled_timm_step_that_ran(timm_compiled):
+    vitkit_compiled = timm_compiled.replace("timm", "vitkit")
+    rows = [{"contender": name, "images_per_s": speed_, "vs_timm_fp32": speed_ / 500.0, "peak_extra_mb": memory}
+            for name, speed_, memory in [("timm fp32", 500.0, 158.2), ("vitkit fp32", 495.0, 180.4),
+                                         (timm_compiled, 600.0, 160.0), (vitkit_compiled, 780.0, 141.3)]]
+    record = {"inference": [], "training": [{"shape": "fashion-mnist default", "rows": rows}]}
+    (goal,) = speed.goal_checks(record)
+    assert goal["goal"] == (f"Fashion-MNIST training, {vitkit_compiled}: >= 1.5x timm fp32, >= 1.1x {timm_compiled}, "
+                            "warm peak memory <= every timm contender's")
+    assert goal["measured"] == f"1.56x timm fp32, 1.30x {timm_compiled}, warm peak 141.3 MB vs timm fp32 158.2 MB"
+    assert goal["met"]

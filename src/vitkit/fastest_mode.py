@@ -187,7 +187,8 @@ def choose(options: tuple[str, ...], build: Callable[[str], Callable[[], object]
     fastest = min(median_ms, key=median_ms.get)
     entry = {"precision": fastest, "median_ms": {mode: round(ms, 3) for mode, ms in median_ms.items()},
              "key": key}
-    entries[entry_key] = entry
+    # Read again: the modes' builds may have timed and recorded choices of their own meanwhile (fp32's linears).
+    entries = {**_read_cache(path, quiet=True), entry_key: entry}
     try:
         atomic_write_text(path, json.dumps(entries, indent=1) + "\n")
         where = f"remembered in {path}"
@@ -201,7 +202,7 @@ def _timings(entry: dict) -> str:
                                                                    key=lambda item: item[1]))
 
 
-def _read_cache(path: Path) -> dict:
+def _read_cache(path: Path, quiet: bool = False) -> dict:
     if not path.exists():
         return {}
     try:
@@ -209,6 +210,8 @@ def _read_cache(path: Path) -> dict:
         if not isinstance(entries, dict):
             raise ValueError(f"a JSON {type(entries).__name__}, not an object")
     except (OSError, ValueError) as err:
+        if quiet:  # said once already, by the read before the timing
+            return {}
         warnings.warn(f"ignoring the unreadable mode cache {path} ({err}); the modes are timed again and the file "
                       "is rewritten", stacklevel=3)
         return {}

@@ -59,7 +59,9 @@ class InferenceModel(nn.Module):
                  keep_freed_memory: bool = False, batch_size: int = 16,
                  int8_attention: Literal["auto", "bf16", "fp32"] = "auto",
                  int8_calibration: Int8Calibration | None = None,
-                 fp32_linears: Literal["auto", "packed", "aten"] = "auto"):
+                 fp32_linears: Literal["auto", "packed", "aten"] = "auto", timing_cache: Path | None = None):
+        """`timing_cache`: the directory whose record of timed choices "auto", `fp32_linears="auto"` and
+        `int8_attention="auto"` read and extend (default vitkit.fastest_mode.cache_dir())."""
         super().__init__()
         if fp32_linears not in ("auto", "packed", "aten"):
             raise ValueError(f"unknown fp32_linears {fp32_linears!r}: choose auto, packed or aten")
@@ -69,7 +71,8 @@ class InferenceModel(nn.Module):
         self.choice: fastest_mode.ModeChoice | None = None
         """Why "auto" became the precision it did (None when a precision was given)."""
         if precision == "auto":
-            self.choice = fastest_inference_mode(model, device, batch_size, compile, int8_calibration=int8_calibration)
+            self.choice = fastest_inference_mode(model, device, batch_size, compile, cache=timing_cache,
+                                                 int8_calibration=int8_calibration)
             precision = self.choice.precision
         precision = resolve_precision(precision, device)
         self.precision = precision
@@ -83,7 +86,7 @@ class InferenceModel(nn.Module):
         # Compiled, inductor lays out the weights itself.
         packable = precision in ("fp32", "bf16") and not compile and packed_linears_available(device, dtype)
         if packable and precision == "fp32" and fp32_linears == "auto":
-            fp32_linears = fp32_linears_choice(model, device, batch_size).precision
+            fp32_linears = fp32_linears_choice(model, device, batch_size, cache=timing_cache).precision
         self.packed_linears = packable and (precision == "bf16" or fp32_linears != "aten")
         """Whether the linear layers run packed for oneDNN (PackedLinear), else as the model's own (aten's)."""
         if self.packed_linears:
@@ -95,7 +98,7 @@ class InferenceModel(nn.Module):
                 # Timed eagerly even for a compiled model: compiling both forms to time them tripled the wait for
                 # the first answer (S/16 batch 16, AMD EPYC: 79 s of timing before a 40 s compilation), and the
                 # order held compiled (bf16 373 against fp32 390 ms there; eagerly bf16 also led).
-                int8_attention = int8_attention_choice(model, device, batch_size, False,
+                int8_attention = int8_attention_choice(model, device, batch_size, False, cache=timing_cache,
                                                        int8_calibration=int8_calibration).precision
             elif int8_attention not in ("bf16", "fp32"):
                 raise ValueError(f"unknown int8_attention {int8_attention!r}: choose auto, bf16 or fp32")
@@ -168,7 +171,8 @@ def fastest_inference_mode(model: nn.Module, device: torch.device, batch_size: i
     calibrated form."""
 
     def build(precision: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
-        runner = InferenceModel(model, precision, compile, batch_size=batch_size, int8_calibration=int8_calibration)
+        runner = InferenceModel(model, precision, compile, batch_size=batch_size, int8_calibration=int8_calibration,
+                                timing_cache=cache)
         return lambda: runner(images())
 
     purpose = {"int8_calibrated": True} if int8_calibration is not None else None
@@ -189,7 +193,7 @@ def int8_attention_choice(model: nn.Module, device: torch.device, batch_size: in
 
     def build(attention: str, images: Callable[[], torch.Tensor]) -> Callable[[], object]:
         runner = InferenceModel(model, "int8", compile, batch_size=batch_size, int8_attention=attention,
-                                int8_calibration=int8_calibration)
+                                int8_calibration=int8_calibration, timing_cache=cache)
         return lambda: runner(images())
 
     purpose = {"int8_attention": True, **({"int8_calibrated": True} if int8_calibration is not None else {})}
