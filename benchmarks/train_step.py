@@ -1,6 +1,6 @@
 """What each training-step speed-up buys: the step as it was and with each change, side by side in one process.
 
-    .venv/bin/python benchmarks/train_step.py            # the default and the quick recipe's shapes, 30 rounds
+    .venv/bin/python benchmarks/train_step.py            # the default recipe's shape and Ti/7, 30 rounds
     .venv/bin/python benchmarks/train_step.py --reps 10  # fewer rounds (a smoke run)
 
 A step here is what the trainer does for one batch of 128: forward in bf16-mixed precision (or fp32 where the CPU
@@ -39,10 +39,11 @@ from vitkit.runtime import autocast, resolve_precision
 from vitkit.train.optim import build_optimizer, parameter_groups
 
 BATCH = 128
-# The two recipes' models (configs/fashion_mnist.yaml and configs/quick.yaml): width 128, depth 4, 4 heads.
+# The default recipe's model (configs/fashion_mnist.yaml) and a smaller plain one (the quick preset's model until it
+# became the hybrid R+Ti/8): width 128, depth 4, 4 heads.
 SHAPES = {
     "default recipe: Ti/4, PatchDropout 0.5 (26 tokens)": ("Ti/4", 0.5),
-    "quick preset: Ti/7 (17 tokens)": ("Ti/7", 0.0),
+    "Ti/7 (17 tokens)": ("Ti/7", 0.0),
 }
 CONTENDERS = ("before", "fused AdamW", "kept attention", "now")
 NOW_FP32 = "now, fp32"

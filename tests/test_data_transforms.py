@@ -57,6 +57,22 @@ def test_an_in_memory_split_is_normalised_once_to_the_bit_of_the_per_image_trans
     assert isinstance(evaluation_set(split, mean, std, (12, 12)), Transformed)
 
 
+@pytest.mark.parametrize("size", [(12, 10), (5, 4)])
+def test_a_split_resized_once_holds_the_pixels_the_per_image_resize_gives(size, monkeypatch):
+    """Up and down, over several chunks: each image is what the evaluation pipeline's resize makes of it, and the
+    labels and source positions stay with their images."""
+    monkeypatch.setattr("vitkit.data.tensor_dataset.RESIZE_CHUNK", 4)
+    images = torch.randint(0, 256, (11, 3, 9, 7), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
+    split = ImageTensorDataset(images, torch.arange(11) % 5, indices=torch.arange(100, 111))
+    resized = split.resized(size)
+    per_image = Transformed(split, eval_transform(MEAN3, STD3, size))
+    assert resized.images.shape == (11, 3, *size) and resized.images.dtype == torch.uint8
+    assert torch.equal(resized.labels, split.labels) and torch.equal(resized.indices, split.indices)
+    for i in range(11):
+        assert torch.equal(evaluation_set(resized, MEAN3, STD3, size)[i][0], per_image[i][0]), i
+    assert split.subset([]).resized(size).images.shape == (0, 3, *size)
+
+
 def test_eval_transform_refuses_float_input():
     with pytest.raises(TypeError, match="uint8"):
         eval_transform((0.5,), (0.5,), 4)(torch.rand(1, 4, 4))

@@ -3,6 +3,7 @@ epochs it chose, bit for bit, resumed without timing again."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from test_train import _losses, tiny_config
 from vitkit.cli import main
 from vitkit.train import time_budget, trainer
 from vitkit.train.config import TrainConfig
+from vitkit.train.optim import lr_factor, warmup_steps
 from vitkit.train.time_budget import TimedRun, steps_within
 from vitkit.train.trainer import train
 
@@ -36,13 +38,34 @@ def test_a_budget_that_leaves_no_time_for_a_step_is_refused_with_the_figures():
         steps_within(1.0, timed, 100, 0, 0)
 
 
-def _spy_on_the_choice(monkeypatch, steps: int) -> list[TimedRun]:
-    """Make the budget's choice `steps` (a test cannot wait for what a real budget fits) and keep what was timed."""
+def test_steps_within_counts_from_the_steps_already_taken():
+    # 30.5 of 60 s spent, with the first 50 steps: 29.5 s left. For N steps, steps 50 to N / 2 take 0.1 s, the
+    # second half 0.3 s: N = 172 takes 3.6 + 25.8 = 29.4 s, N = 173 takes 29.6 s.
+    timed = TimedRun(elapsed=30.5, step_seconds=[(0.5, 0.1), (1.0, 0.3)], eval_seconds_per_image=0.0)
+    assert steps_within(1.0, timed, 100, 0, 0, margin=0.0, done=50) == 172
+    # With no time left the run stops where it is, and nothing is refused: its steps have been taken.
+    late = TimedRun(elapsed=70.0, step_seconds=[(1.0, 0.2)], eval_seconds_per_image=0.0)
+    assert steps_within(1.0, late, 100, 0, 0, done=50) == 50
+
+
+def test_corrected_scales_every_phase_by_how_the_steps_taken_ran():
+    timed = TimedRun(elapsed=5.0, step_seconds=[(0.5, 0.1), (1.0, 0.3)], eval_seconds_per_image=0.002)
+    # 50 of 200 steps, all in the first phase, timed at 5 s, took 10 s: every step is taken to run twice as long.
+    now = time_budget.corrected(timed, total=200, done=50, seconds_in_steps=10.0, elapsed=20.0)
+    assert now == TimedRun(elapsed=20.0, step_seconds=[(0.5, 0.2), (1.0, 0.6)], eval_seconds_per_image=0.002)
+    # Steps of both phases: 50 at 0.1 s and 10 at 0.3 s were timed at 8 s; they took 4 s.
+    now = time_budget.corrected(timed, total=100, done=60, seconds_in_steps=4.0, elapsed=9.0)
+    assert now.step_seconds == [(0.5, 0.05), (1.0, 0.15)]
+
+
+def _spy_on_the_choice(monkeypatch, steps: int, corrected_steps: int | None = None) -> list[TimedRun]:
+    """Make the budget's choice `steps` (a test cannot wait for what a real budget fits), and `corrected_steps` when
+    the first checkpoint plans again (the same without it), and keep what was timed."""
     seen = []
 
-    def choose(budget, timed, steps_per_epoch, per_epoch, once, margin=time_budget.BUDGET_MARGIN):
+    def choose(budget, timed, steps_per_epoch, per_epoch, once, margin=time_budget.BUDGET_MARGIN, done=0):
         seen.append(timed)
-        return steps
+        return steps if done == 0 or corrected_steps is None else corrected_steps
 
     monkeypatch.setattr(trainer, "steps_within", choose)
     return seen
@@ -117,3 +140,40 @@ def test_a_budget_that_is_not_positive_is_refused_before_anything_is_written(tmp
     assert f"--optim.time_budget must be a positive number of minutes or null, got {float(budget)}" in \
         capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_first_checkpoint_plans_again_and_a_resumed_run_keeps_that_plan(tmp_path, monkeypatch, capsys):
+    """The run's first checkpoint (step 10 here) corrects the plan: the learning rate follows the first plan's
+    schedule until then and the new one's after, the run takes the new number of steps, config.yaml records it,
+    and a run stopped after that checkpoint and resumed equals the run that was not stopped, bit for bit."""
+    timed = _spy_on_the_choice(monkeypatch, steps=35, corrected_steps=40)
+
+    def config(out: Path) -> TrainConfig:
+        cfg = tiny_config(out, time_budget=5.0)
+        cfg.run.log_every, cfg.run.checkpoint_every = 1, 10
+        return cfg
+
+    train(config(tmp_path / "whole"))
+    assert len(timed) == 2 and timed[1].elapsed > timed[0].elapsed
+    assert timed[1].step_seconds[0][1] > 0
+    assert "the first 10 steps took" in capsys.readouterr().out
+    saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
+    assert saved["optim"]["epochs"] == 40 / 28
+    records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    rates = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
+    assert sorted(rates) == list(range(1, 41))
+    # Logged after step s: the rate of the step after it, 3e-3 at its peak, warm-up a tenth of the run.
+    for step, rate in rates.items():
+        total = 35 if step <= 10 else 40
+        assert rate == pytest.approx(3e-3 * lr_factor(step, total, warmup_steps(0.1, total), "cosine"), rel=1e-12)
+
+    part = config(tmp_path / "part")
+    part.run.max_steps = 20
+    train(part)
+    monkeypatch.setattr(trainer, "_fit_time_budget", lambda *args: pytest.fail("a resumed run timed again"))
+    part.run.max_steps, part.run.resume = None, True
+    train(part)
+    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert _losses(tmp_path / "whole") == _losses(tmp_path / "part")

@@ -44,6 +44,29 @@ def test_tiny_run_learns_far_above_chance(tmp_path):
     assert confusion.diagonal().sum() / confusion.sum() == pytest.approx(result.test.top1)
 
 
+def test_in_memory_splits_are_resized_once_where_they_fit_and_take_the_batched_path(monkeypatch):
+    """--data.image_size on an in-memory dataset: the splits are resized at loading, so training gathers whole
+    batches (the batched augmentation) and evaluation normalises once; a split too large to hold resized is left to
+    the per-image pipeline."""
+    from vitkit.data import Normalised, Transformed, load_dataset
+    from vitkit.train import trainer
+
+    data = load_dataset("synthetic", image_size=16)
+    cfg = TrainConfig(data=DataOptions(dataset="synthetic", image_size=20, crop="pad", pad=2, flip=True))
+    resized = trainer._resized_in_memory(data, (20, 20))
+    assert [tuple(split.images.shape[-2:]) for split in (resized.train, resized.val, resized.test)] == [(20, 20)] * 3
+    _, fast_augment, val_set, test_set = trainer._datasets(cfg, resized, (20, 20))
+    assert fast_augment is not None and isinstance(val_set, Normalised) and isinstance(test_set, Normalised)
+    # Only the validation split (the smallest) fits under the limit: the others keep their size and the per-image
+    # path.
+    assert len(data.val) < min(len(data.train), len(data.test))
+    monkeypatch.setattr(trainer, "RESIZED_IN_MEMORY_BYTES", len(data.val) * data.in_chans * 20 * 20)
+    partly = trainer._resized_in_memory(data, (20, 20))
+    assert partly.train is data.train and partly.test is data.test and partly.val.images.shape[-2:] == (20, 20)
+    _, fast_augment, val_set, test_set = trainer._datasets(cfg, partly, (20, 20))
+    assert fast_augment is None and isinstance(val_set, Normalised) and isinstance(test_set, Transformed)
+
+
 def _losses(run: Path) -> list[tuple[int, float]]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
@@ -206,6 +229,27 @@ def test_default_recipe_file_equals_the_defaults():
 
 def test_presets_include_quick():
     assert "quick" in available_presets()
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists(),
+                    reason="Fashion-MNIST is not installed (make data)")
+def test_the_quick_preset_trains_its_hybrid_on_images_resized_once(tmp_path, monkeypatch):
+    """--preset quick: the root block's 8x8 map of the 32x32 images in 2x2 patches (16 tokens and the class token),
+    trained through the batched augmentation on the splits resized at loading."""
+    from vitkit.train import trainer
+    from vitkit.weights import load_model
+
+    seen = []
+    datasets = trainer._datasets
+    monkeypatch.setattr(trainer, "_datasets", lambda *args: seen.append(datasets(*args)) or seen[-1])
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "quick", "--optim.time_budget", "null", "--run.max_steps", "2",
+                 "--run.out", str(out), "--run.progress", "false", "--run.tensorboard", "false"]) == 0
+    (train_set, fast_augment, val_set, _), = seen
+    assert fast_augment is not None and train_set[0, 0][0].shape == (1, 32, 32) and val_set[0][0].shape == (1, 32, 32)
+    model = load_model(out / "model.safetensors")
+    assert model.cfg.stem_layers == () and model.cfg.img_size == (32, 32) and model.cfg.patch_size == 2
+    assert model.pos_embed.shape == (1, 17, 128)
 
 
 def test_the_fast_preset_is_the_default_recipe_with_its_measured_changes():

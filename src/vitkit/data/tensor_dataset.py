@@ -5,6 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from torchvision.transforms.v2 import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+RESIZE_CHUNK = 4096
+"""Images resized per call by `resized`: bounds the resize's working memory whatever the dataset's size."""
 
 
 class ImageTensorDataset(Dataset):
@@ -38,6 +43,15 @@ class ImageTensorDataset(Dataset):
         """A new dataset with the items at `positions` (a copy, so the parent can be freed)."""
         positions = torch.as_tensor(np.asarray(positions, dtype=np.int64))
         return ImageTensorDataset(self.images[positions], self.labels[positions], self.indices[positions])
+
+    def resized(self, size: tuple[int, int]) -> ImageTensorDataset:
+        """A new dataset of the images resized to `size` (H, W): bilinear with antialiasing, the resize the
+        training and evaluation pipelines apply to each image as they read it, done once for all (the same
+        pixels, exactly)."""
+        chunks = [TF.resize(self.images[start:start + RESIZE_CHUNK], list(size), InterpolationMode.BILINEAR,
+                            antialias=True) for start in range(0, len(self.images), RESIZE_CHUNK)]
+        images = torch.cat(chunks) if chunks else self.images.new_empty((0, self.images.shape[1], *size))
+        return ImageTensorDataset(images, self.labels, self.indices)
 
     def __repr__(self) -> str:
         n, c, h, w = self.images.shape

@@ -84,11 +84,13 @@ def lr_factor(step: int, total_steps: int, warmup: int, schedule: str) -> float:
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, schedule: str
+    optimizer: torch.optim.Optimizer, total_steps: int, warmup: int, schedule: str, step: int = 0
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule over `total_steps`, at `step`: it sets the optimiser's learning rate to the one of that step (a
+    `step` above 0 replaces a schedule mid-run, on an optimiser a scheduler has already been built on)."""
     lr_factor(0, total_steps, warmup, schedule)  # reject an unknown schedule now, not at step 1
     return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule)
+        optimizer, lambda step: lr_factor(step, total_steps, warmup, schedule), last_epoch=step - 1
     )
 
 

@@ -52,6 +52,12 @@ def write_run_dir(cfg: TrainConfig) -> Path:
                      "model.int8_calibration.json", "best.int8_calibration.json", "skipped_images.txt"):
             (run_dir / name).unlink(missing_ok=True)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_config(cfg)
+    return run_dir
+
+
+def write_config(cfg: TrainConfig) -> None:
+    """Write (or replace) the run's config.yaml: what `--config` takes to run it again, and what a resume reads."""
+    config_path = Path(cfg.run.out) / "config.yaml"
     atomic_write_text(config_path, f"# vitkit {cfg.command()} --config " + str(config_path) + "\n"
                       + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return run_dir

@@ -2,9 +2,11 @@
 
 A schedule is fixed at the start: the learning rate's warm-up and decay and PatchDropout's phases are fractions of
 the run's steps. So a time budget cannot be kept by stopping early, which would cut the schedule short; it is turned
-into a number of steps once, before the first real step, from the run's own steps timed on this machine, and the run
-is then an ordinary run of that many steps. The trainer records the epochs it gives in config.yaml, so a resumed run
-keeps the schedule instead of timing again on a machine that may run at another speed.
+into a number of steps before the first real step, from the run's own steps timed on this machine. A short timing
+misses a 2-core machine's speed by up to a few tens of percent when it falls in a fast or slow spell, so the plan is
+corrected once, at the run's first checkpoint, from the time its steps have taken until then (`corrected`). The
+trainer records the epochs in config.yaml before that checkpoint is written, so a resumed run keeps the schedule
+instead of timing again on a machine that may run at another speed, and resuming stays exact.
 
 What the budget covers is the whole `train` call, as the benchmarks time it: loading and set-up (already spent when
 the steps are timed, including the compilation of each PatchDropout rate's step), the steps, the validations, the
@@ -14,7 +16,7 @@ final test evaluation and the int8 calibration. Checkpoints, logging and the rep
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 BUDGET_MARGIN = 0.03
 """The share of the time left for the steps that is kept free: over a run of thousands of steps the logged speed of
@@ -23,10 +25,10 @@ these 2-core machines wanders by a few percent around the speed of a short timin
 
 @dataclass(frozen=True)
 class TimedRun:
-    """What was measured of a run before its first step."""
+    """What was measured of a run before its first step (or, corrected, before its first checkpoint)."""
 
     elapsed: float
-    """Seconds of the run spent before its steps: loading, set-up, compilation and this timing."""
+    """Seconds of the run spent so far: loading, set-up, compilation, this timing (and the steps already taken)."""
     step_seconds: list[tuple[float, float]]
     """(end, seconds) per phase of the run: the median time of one optimiser step at that phase's PatchDropout rate,
     until `end`, a fraction of the run's steps (one phase ending at 1.0 without phases)."""
@@ -34,23 +36,49 @@ class TimedRun:
     """Evaluation's time per image, in the run's precision."""
 
 
+def seconds_of_steps(step_seconds: list[tuple[float, float]], total: int, first: int, last: int) -> float:
+    """The time steps `first` to `last` (0-based, `last` excluded) of a run of `total` steps take at `step_seconds`
+    (TimedRun's phases, each a share of `total`)."""
+    seconds, start = 0.0, 0.0
+    for end, per_step in step_seconds:
+        seconds += max(0.0, min(end * total, last) - max(start * total, first)) * per_step
+        start = end
+    return seconds
+
+
 def steps_within(budget_minutes: float, timed: TimedRun, steps_per_epoch: int, evaluated_per_epoch: float,
-                 evaluated_once: int, margin: float = BUDGET_MARGIN) -> int:
+                 evaluated_once: int, margin: float = BUDGET_MARGIN, done: int = 0) -> int:
     """The most steps whose time, with the evaluations they bring, fits what is left of `budget_minutes` after
     `timed.elapsed`, less `margin` of it. `evaluated_per_epoch` images are evaluated per epoch of steps (the
     validations of --run.eval_every), `evaluated_once` at the end (the last validation, the test split, the int8
-    calibration's images)."""
+    calibration's images). `done`: steps the run has already taken (their time is in `timed.elapsed`); the answer
+    counts them and is never fewer."""
     left = budget_minutes * 60 - timed.elapsed - evaluated_once * timed.eval_seconds_per_image
-    previous_end, seconds_per_step = 0.0, 0.0
-    for end, seconds in timed.step_seconds:  # the phases' shares of the steps weigh their step times
-        seconds_per_step += (end - previous_end) * seconds
-        previous_end = end
-    seconds_per_step += evaluated_per_epoch * timed.eval_seconds_per_image / steps_per_epoch
-    steps = math.floor(left * (1 - margin) / seconds_per_step) if left > 0 else 0
-    if steps < 1:
+    available = left * (1 - margin)
+    eval_per_step = evaluated_per_epoch * timed.eval_seconds_per_image / steps_per_epoch
+
+    def seconds(total: int) -> float:  # of steps `done` to `total`, rising with `total`
+        return seconds_of_steps(timed.step_seconds, total, done, total) + (total - done) * eval_per_step
+
+    fastest = max(min(per_step for _, per_step in timed.step_seconds) + eval_per_step, 1e-9)
+    low, high = done, done + max(0, math.ceil(available / fastest)) + 1  # seconds(low) <= available < seconds(high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if seconds(middle) <= available else (low, middle)
+    if low < 1:
         final = evaluated_once * timed.eval_seconds_per_image
         raise ValueError(
             f"--optim.time_budget {budget_minutes:g} minutes leaves no time for a step: set-up took "
             f"{timed.elapsed:.0f} s and the final evaluations need {final:.0f} s of it, and a step takes "
-            f"{seconds_per_step:.2f} s; raise the budget, or give --optim.epochs without one")
-    return steps
+            f"{seconds(1):.2f} s; raise the budget, or give --optim.epochs without one")
+    return low
+
+
+def corrected(timed: TimedRun, total: int, done: int, seconds_in_steps: float, elapsed: float) -> TimedRun:
+    """`timed` after the first `done` of `total` planned steps took `seconds_in_steps`, at `elapsed` seconds into the
+    run: every phase's step time scaled by how much slower (or faster) the steps ran than timed. One phase's steps
+    stand for all: what moves a 2-core machine's speed moves every step alike."""
+    expected = seconds_of_steps(timed.step_seconds, total, 0, done)
+    scale = seconds_in_steps / expected
+    return replace(timed, elapsed=elapsed, step_seconds=[(end, per_step * scale)
+                                                         for end, per_step in timed.step_seconds])
