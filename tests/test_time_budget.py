@@ -48,24 +48,31 @@ def test_steps_within_counts_from_the_steps_already_taken():
     assert steps_within(1.0, late, 100, 0, 0, done=50) == 50
 
 
-def test_corrected_scales_every_phase_by_how_the_steps_taken_ran():
+def test_corrected_scales_every_phase_by_how_the_latest_steps_ran():
     timed = TimedRun(elapsed=5.0, step_seconds=[(0.5, 0.1), (1.0, 0.3)], eval_seconds_per_image=0.002)
-    # 50 of 200 steps, all in the first phase, timed at 5 s, took 10 s: every step is taken to run twice as long.
-    now = time_budget.corrected(timed, total=200, done=50, seconds_in_steps=10.0, elapsed=20.0)
+    # The first 50 of 200 steps, all in the first phase, planned at 5 s, took 10 s: every step is taken to run twice
+    # as long.
+    now = time_budget.corrected(timed, total=200, first=0, last=50, seconds_in_steps=10.0, elapsed=20.0)
     assert now == TimedRun(elapsed=20.0, step_seconds=[(0.5, 0.2), (1.0, 0.6)], eval_seconds_per_image=0.002)
-    # Steps of both phases: 50 at 0.1 s and 10 at 0.3 s were timed at 8 s; they took 4 s.
-    now = time_budget.corrected(timed, total=100, done=60, seconds_in_steps=4.0, elapsed=9.0)
+    # Steps of both phases: 50 at 0.1 s and 10 at 0.3 s were planned at 8 s; they took 4 s.
+    now = time_budget.corrected(timed, total=100, first=0, last=60, seconds_in_steps=4.0, elapsed=9.0)
     assert now.step_seconds == [(0.5, 0.05), (1.0, 0.15)]
+    # Only the steps since the last correction count: steps 50-59, of the second phase, planned at 3 s, took 6 s.
+    now = time_budget.corrected(timed, total=100, first=50, last=60, seconds_in_steps=6.0, elapsed=30.0)
+    assert now.step_seconds == [(0.5, 0.2), (1.0, 0.6)]
 
 
-def _spy_on_the_choice(monkeypatch, steps: int, corrected_steps: int | None = None) -> list[TimedRun]:
-    """Make the budget's choice `steps` (a test cannot wait for what a real budget fits), and `corrected_steps` when
-    the first checkpoint plans again (the same without it), and keep what was timed."""
+def _spy_on_the_choice(monkeypatch, steps: int, corrected: dict[int, int] | None = None) -> list[tuple[int, TimedRun]]:
+    """Make the budget's choice `steps` (a test cannot wait for what a real budget fits), and when a checkpoint
+    plans again after `done` steps, `corrected[done]` (the latest choice where it has no entry), and keep (done,
+    what was timed) of each choice."""
     seen = []
 
     def choose(budget, timed, steps_per_epoch, per_epoch, once, margin=time_budget.BUDGET_MARGIN, done=0):
-        seen.append(timed)
-        return steps if done == 0 or corrected_steps is None else corrected_steps
+        seen.append((done, timed))
+        if done == 0 or corrected is None:
+            return steps
+        return corrected.get(done, corrected[max(key for key in corrected if key <= done)])
 
     monkeypatch.setattr(trainer, "steps_within", choose)
     return seen
@@ -86,9 +93,10 @@ def test_a_budgeted_run_is_the_run_of_the_epochs_it_chose_and_resumes_without_ti
     budgeted = config(tmp_path / "budgeted", time_budget=5.0)
     train(budgeted)
     assert budgeted.optim.epochs == 3  # the caller's config is left as it was
-    assert len(timed) == 1
-    assert [end for end, _ in timed[0].step_seconds] == [0.5, 1.0]
-    assert all(seconds > 0 for _, seconds in timed[0].step_seconds) and timed[0].eval_seconds_per_image > 0
+    assert [done for done, _ in timed] == [0, 14, 28]  # the timing, then the checkpoints after 8 steps or more
+    first = timed[0][1]
+    assert [end for end, _ in first.step_seconds] == [0.5, 1.0]
+    assert all(seconds > 0 for _, seconds in first.step_seconds) and first.eval_seconds_per_image > 0
     assert "35 steps (1.25 epochs) fit, in place of --optim.epochs 3" in capsys.readouterr().out
     saved = yaml.safe_load((tmp_path / "budgeted" / "config.yaml").read_text())
     assert saved["optim"]["epochs"] == 1.25 and saved["optim"]["time_budget"] == 5.0
@@ -123,9 +131,11 @@ def test_a_budgeted_run_fits_what_its_timing_allows(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "steps_within", spy)
     cfg = tiny_config(tmp_path / "run", time_budget=0.1)  # 6 s
     train(cfg)
-    (args, kwargs, steps), = seen
-    assert args[0] == 0.1 and args[2] == 28
+    (args, kwargs, _), *corrections = seen
+    assert args[0] == 0.1 and args[2] == 28 and "done" not in kwargs
     assert 0 < args[1].step_seconds[0][1] < 1
+    assert all(later[1]["done"] > earlier[1].get("done", 0) for earlier, later in zip(seen, seen[1:]))
+    steps = seen[-1][2]  # the last plan's
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert round(saved["optim"]["epochs"] * 28) == steps
     assert len(_losses(tmp_path / "run")) == steps // 50 + (steps % 50 > 0)  # a record every 50 steps and the last
@@ -142,11 +152,12 @@ def test_a_budget_that_is_not_positive_is_refused_before_anything_is_written(tmp
     assert not out.exists()
 
 
-def test_the_first_checkpoint_plans_again_and_a_resumed_run_keeps_that_plan(tmp_path, monkeypatch, capsys):
-    """The run's first checkpoint (step 10 here) corrects the plan: the learning rate follows the first plan's
-    schedule until then and the new one's after, the run takes the new number of steps, config.yaml records it,
-    and a run stopped after that checkpoint and resumed equals the run that was not stopped, bit for bit."""
-    timed = _spy_on_the_choice(monkeypatch, steps=35, corrected_steps=40)
+def test_each_checkpoint_plans_again_and_a_resumed_run_keeps_its_checkpoints_plan(tmp_path, monkeypatch, capsys):
+    """The checkpoints (every 10 steps here) correct the plan: the learning rate follows the first plan's schedule
+    until step 10, the second's until step 20 and the third's after, the run takes the last plan's steps and
+    config.yaml records them, and a run stopped at step 20 and resumed equals the run that was not stopped, bit for
+    bit."""
+    timed = _spy_on_the_choice(monkeypatch, steps=35, corrected={10: 40, 20: 42})
 
     def config(out: Path) -> TrainConfig:
         cfg = tiny_config(out, time_budget=5.0)
@@ -154,17 +165,20 @@ def test_the_first_checkpoint_plans_again_and_a_resumed_run_keeps_that_plan(tmp_
         return cfg
 
     train(config(tmp_path / "whole"))
-    assert len(timed) == 2 and timed[1].elapsed > timed[0].elapsed
-    assert timed[1].step_seconds[0][1] > 0
-    assert "the first 10 steps took" in capsys.readouterr().out
+    # Every checkpoint but the last, and not the epoch's end at step 28: 8 steps since the last are no more than a
+    # timing, so they wait for the next.
+    assert [done for done, _ in timed] == [0, 10, 20, 30, 40]
+    assert all(later.elapsed > earlier.elapsed for (_, earlier), (_, later) in zip(timed, timed[1:]))
+    out = capsys.readouterr().out
+    assert "steps 1-10 took" in out and "steps 11-20 took" in out and "steps 21-28" not in out  # unchanged plans
     saved = yaml.safe_load((tmp_path / "whole" / "config.yaml").read_text())
-    assert saved["optim"]["epochs"] == 40 / 28
+    assert saved["optim"]["epochs"] == 42 / 28
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     rates = {r["step"]: r["train/lr"] for r in records if "train/lr" in r}
-    assert sorted(rates) == list(range(1, 41))
+    assert sorted(rates) == list(range(1, 43))
     # Logged after step s: the rate of the step after it, 3e-3 at its peak, warm-up a tenth of the run.
     for step, rate in rates.items():
-        total = 35 if step <= 10 else 40
+        total = 35 if step <= 10 else 40 if step <= 20 else 42
         assert rate == pytest.approx(3e-3 * lr_factor(step, total, warmup_steps(0.1, total), "cosine"), rel=1e-12)
 
     part = config(tmp_path / "part")

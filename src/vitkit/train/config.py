@@ -147,8 +147,9 @@ class OptimOptions:
     time_budget: float | None = None
     """Minutes of wall time the run may take on this machine, set-up and final evaluation included (e.g. 15): the
     run's steps are timed at the start, at each PatchDropout rate and compiled if the run compiles, and the epochs
-    that fit replace --optim.epochs; the first checkpoint fits the rest again from the time the steps took until
-    then. config.yaml records the epochs, so a resumed run keeps that schedule. null: train for --optim.epochs."""
+    that fit replace --optim.epochs; every epoch's end and checkpoint fits the rest again from the time the latest
+    steps took. config.yaml records the epochs, so a resumed run keeps that schedule. null: train for
+    --optim.epochs."""
     warmup: float = 0.03
     """Linear warm-up: a fraction of all steps if < 1, else a number of steps."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"

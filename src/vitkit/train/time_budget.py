@@ -3,10 +3,11 @@
 A schedule is fixed at the start: the learning rate's warm-up and decay and PatchDropout's phases are fractions of
 the run's steps. So a time budget cannot be kept by stopping early, which would cut the schedule short; it is turned
 into a number of steps before the first real step, from the run's own steps timed on this machine. A short timing
-misses a 2-core machine's speed by up to a few tens of percent when it falls in a fast or slow spell, so the plan is
-corrected once, at the run's first checkpoint, from the time its steps have taken until then (`corrected`). The
-trainer records the epochs in config.yaml before that checkpoint is written, so a resumed run keeps the schedule
-instead of timing again on a machine that may run at another speed, and resuming stays exact.
+misses a 2-core machine's speed by up to a few tens of percent when it falls in a fast or slow spell, and the speed
+wanders during a run, so the plan is corrected at every epoch's end or checkpoint from the time the steps since the
+last correction took (`corrected`, then `steps_within(done=)`). The trainer records the epochs in config.yaml before
+each checkpoint is written, so a resumed run keeps the schedule of its checkpoint instead of timing again on a
+machine that may run at another speed, and resuming stays exact.
 
 What the budget covers is the whole `train` call, as the benchmarks time it: loading and set-up (already spent when
 the steps are timed, including the compilation of each PatchDropout rate's step), the steps, the validations, the
@@ -74,11 +75,13 @@ def steps_within(budget_minutes: float, timed: TimedRun, steps_per_epoch: int, e
     return low
 
 
-def corrected(timed: TimedRun, total: int, done: int, seconds_in_steps: float, elapsed: float) -> TimedRun:
-    """`timed` after the first `done` of `total` planned steps took `seconds_in_steps`, at `elapsed` seconds into the
-    run: every phase's step time scaled by how much slower (or faster) the steps ran than timed. One phase's steps
-    stand for all: what moves a 2-core machine's speed moves every step alike."""
-    expected = seconds_of_steps(timed.step_seconds, total, 0, done)
+def corrected(timed: TimedRun, total: int, first: int, last: int, seconds_in_steps: float,
+              elapsed: float) -> TimedRun:
+    """`timed` after steps `first` to `last` (`last` excluded) of `total` planned steps took `seconds_in_steps`, at
+    `elapsed` seconds into the run: every phase's step time scaled by how much slower (or faster) those steps ran
+    than `timed` has them. The latest steps stand for all: what moves a 2-core machine's speed moves every step
+    alike, and a phase that has begun is measured in its own steps."""
+    expected = seconds_of_steps(timed.step_seconds, total, first, last)
     scale = seconds_in_steps / expected
     return replace(timed, elapsed=elapsed, step_seconds=[(end, per_step * scale)
                                                          for end, per_step in timed.step_seconds])

@@ -121,8 +121,12 @@ class Run:
     began: float = 0.0
     """When `train` was called (time.perf_counter()): what --optim.time_budget counts from."""
     budget_timing: TimedRun | None = None
-    """--optim.time_budget's timing, until the first checkpoint corrects the plan by the steps' own time (then None;
-    None all along without a budget and in a resumed run)."""
+    """--optim.time_budget's step times as last corrected by the steps' own (None without a budget, in a resumed run,
+    and once the run has taken its steps)."""
+    budget_window: tuple[int, float] = (0, 0.0)
+    """(first step, seconds the steps took) since the plan was last corrected: checkpoints and evaluations excluded."""
+    steps_resumed: float = 0.0
+    """When the steps last started or went on after an epoch's end or checkpoint (time.perf_counter())."""
 
     @property
     def run_dir(self) -> Path:
@@ -206,7 +210,7 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
         run = set_up(cfg, device, ctx, objective, started)
         run.progress = tqdm(total=run.stop_at, initial=run.position.step, unit="step", dynamic_ncols=True,
                             desc="train", disable=not (run.cfg.run.progress and ctx.is_main))
-        run.start = run.window_start = time.perf_counter()
+        run.start = run.window_start = run.steps_resumed = time.perf_counter()
         run.model.train()
         run.objective.train()
         while run.position.step < run.stop_at:
@@ -456,9 +460,9 @@ def _fit_time_budget(run: Run, started: float) -> None:
                 run.position.step = math.ceil(start * run.total_steps)  # the first step of this phase
                 times = []
                 for _ in range(UNTIMED_STEPS + TIMED_STEPS):
-                    images, labels = next(batches)
                     _synchronize(run.device)
                     began = time.perf_counter()
+                    images, labels = next(batches)  # reading the batch is part of a step's time in the run
                     train_step(run, images, labels)
                     _synchronize(run.device)
                     times.append(time.perf_counter() - began)
@@ -481,29 +485,44 @@ def _fit_time_budget(run: Run, started: float) -> None:
               f"{steps} steps ({steps / run.steps_per_epoch:.2f} epochs) fit, in place of --optim.epochs {o.epochs:g}")
 
 
+PLAN_CHANGE_SHOWN = 0.01
+"""A corrected plan is printed when it moves the run's end by at least this share of its steps (the first always)."""
+
+
 def _correct_time_budget(run: Run, seconds_in_steps: float) -> None:
-    """At the run's first checkpoint, before it is written: plan the steps again from the time the steps taken so
-    far took (`seconds_in_steps`) instead of the short timing before them, and record the epochs in config.yaml
-    (vitkit.train.time_budget.corrected). The learning rate and PatchDropout follow the new plan from this step."""
-    timed, run.budget_timing = run.budget_timing, None
+    """At an epoch's end or checkpoint, before anything is written: scale the step times by how long the steps since
+    the last correction took (`seconds_in_steps` for the latest of them), plan the steps again, and record the
+    epochs in config.yaml before the checkpoint, so a resumed run keeps the plan of its checkpoint (vitkit.train.
+    time_budget.corrected). The learning rate and PatchDropout follow the new plan from this step on."""
     cfg, ctx, o, p = run.cfg, run.ctx, run.cfg.optim, run.position
-    if p.step >= run.total_steps or p.step <= TIMED_STEPS:  # the end of the run, or no more steps than were timed
+    first, spent = run.budget_window[0], run.budget_window[1] + seconds_in_steps
+    if p.step >= run.total_steps:  # the last step: nothing left to plan
+        run.budget_timing = None
         return
-    now = corrected(timed, run.total_steps, p.step, seconds_in_steps, time.perf_counter() - run.began)
+    if p.step - first <= TIMED_STEPS:  # no more steps than a timing: wait for more
+        run.budget_window = (first, spent)
+        return
+    timed = run.budget_timing
+    now = corrected(timed, run.total_steps, first, p.step, spent, time.perf_counter() - run.began)
     steps = _on_main_first(ctx, lambda: steps_within(o.time_budget, now, run.steps_per_epoch, *_images_evaluated(run),
                                                       done=p.step))
     steps = round(ctx.sum([float(steps) if ctx.is_main else 0.0])[0])  # rank 0's choice on every process
-    planned, run.total_steps = run.total_steps, steps
+    run.budget_timing, run.budget_window = now, (p.step, 0.0)
+    planned = run.total_steps
+    if steps == planned:
+        return
+    run.total_steps = steps
     run.scheduler = _schedule(run.optimizer, o, steps, step=p.step)
     run.cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
     if ctx.is_main:
         write_config(run.cfg)
         run.progress.total = run.stop_at
         run.progress.refresh()
-        scale = now.step_seconds[0][1] / timed.step_seconds[0][1]
-        run.progress.write(f"time budget {o.time_budget:g} min: the first {p.step} steps took "
-                           f"{seconds_in_steps / p.step:.3f} s each, {scale:.2f}x the timing's; {steps} steps "
-                           f"({steps / run.steps_per_epoch:.2f} epochs) fit, in place of {planned}")
+        if first == 0 or abs(steps - planned) >= PLAN_CHANGE_SHOWN * planned:
+            scale = now.step_seconds[0][1] / timed.step_seconds[0][1]
+            run.progress.write(f"time budget {o.time_budget:g} min: steps {first + 1}-{p.step} took "
+                               f"{spent / (p.step - first):.3f} s each, {scale:.2f}x the plan's; {steps} steps "
+                               f"({steps / run.steps_per_epoch:.2f} epochs) fit, in place of {planned}")
 
 
 def _batches_for_timing(run: Run):
@@ -689,6 +708,8 @@ def _end_of_period(run: Run) -> None:
     """At an epoch's end, the last step or a checkpoint step: evaluate (every `eval_every` epoch ends and the last
     step), then write a checkpoint. Every process waits for rank 0 here."""
     steps_ended = time.perf_counter()
+    if run.budget_timing is not None:
+        _correct_time_budget(run, steps_ended - run.steps_resumed)
     p, main = run.position, run.ctx.is_main
     epoch_done = p.batch >= run.steps_per_epoch
     every = run.cfg.run.eval_every
@@ -706,11 +727,10 @@ def _end_of_period(run: Run) -> None:
     if epoch_done:
         p.epoch += 1
         p.batch = 0
-    if run.budget_timing is not None:  # no checkpoint yet: every step so far ran before this period
-        _correct_time_budget(run, steps_ended - run.start)
     if main:
         write_checkpoint(run)
     run.ctx.barrier()
+    run.steps_resumed = time.perf_counter()
 
 
 def write_checkpoint(run: Run) -> None:
