@@ -26,7 +26,7 @@ def test_steps_within_weighs_each_phase_and_the_evaluations():
     timed = TimedRun(elapsed=10.0, step_seconds=[(0.5, 0.1), (1.0, 0.3)], eval_seconds_per_image=0.001)
     assert steps_within(1.0, timed, steps_per_epoch=100, evaluated_per_epoch=500, evaluated_once=1000,
                         margin=0.0) == 239  # floor(49 / 0.205)
-    assert steps_within(1.0, timed, 100, 500, 1000, margin=0.03) == 231  # floor(49 * 0.97 / 0.205)
+    assert steps_within(1.0, timed, 100, 500, 1000, margin=0.03) == 230  # floor((60 * 0.97 - 11) / 0.205)
     # Phases of unequal length: a quarter of the steps at 1 s, the rest at 0.5 s: 0.625 s a step.
     uneven = TimedRun(elapsed=0.0, step_seconds=[(0.25, 1.0), (1.0, 0.5)], eval_seconds_per_image=0.0)
     assert steps_within(1.0, uneven, 100, 0, 0, margin=0.0) == 96
@@ -84,6 +84,7 @@ def test_a_budgeted_run_is_the_run_of_the_epochs_it_chose_and_resumes_without_ti
     a weight average, so that is put back too) equals, bit for bit, the run given the chosen epochs, and a budgeted
     run stopped and resumed equals both, its schedule read from config.yaml."""
     timed = _spy_on_the_choice(monkeypatch, steps=35)  # 1.25 epochs of 28 steps
+    monkeypatch.setattr(trainer, "CORRECTION_WINDOW", 0.0)  # the steps here take milliseconds
 
     def config(out: Path, **optim) -> TrainConfig:
         cfg = tiny_config(out, patch_dropout_phases=[(0.5, 0.75), (1.0, 0.0)], ema=0.9, **optim)
@@ -158,6 +159,7 @@ def test_each_checkpoint_plans_again_and_a_resumed_run_keeps_its_checkpoints_pla
     config.yaml records them, and a run stopped at step 20 and resumed equals the run that was not stopped, bit for
     bit."""
     timed = _spy_on_the_choice(monkeypatch, steps=35, corrected={10: 40, 20: 42})
+    monkeypatch.setattr(trainer, "CORRECTION_WINDOW", 0.0)  # the steps here take milliseconds
 
     def config(out: Path) -> TrainConfig:
         cfg = tiny_config(out, time_budget=5.0)

@@ -20,8 +20,9 @@ import math
 from dataclasses import dataclass, replace
 
 BUDGET_MARGIN = 0.03
-"""The share of the time left for the steps that is kept free: over a run of thousands of steps the logged speed of
-these 2-core machines wanders by a few percent around the speed of a short timing."""
+"""The share of the budget kept free: for the checkpoints, logging and the report, and for the wander of these 2-core
+machines' speed after the plan's last correction. A share of the whole budget, not of what is left, so that a late
+correction keeps it."""
 
 
 @dataclass(frozen=True)
@@ -49,13 +50,12 @@ def seconds_of_steps(step_seconds: list[tuple[float, float]], total: int, first:
 
 def steps_within(budget_minutes: float, timed: TimedRun, steps_per_epoch: int, evaluated_per_epoch: float,
                  evaluated_once: int, margin: float = BUDGET_MARGIN, done: int = 0) -> int:
-    """The most steps whose time, with the evaluations they bring, fits what is left of `budget_minutes` after
-    `timed.elapsed`, less `margin` of it. `evaluated_per_epoch` images are evaluated per epoch of steps (the
+    """The most steps whose time, with the evaluations they bring, fits what is left of `budget_minutes`, less
+    `margin` of it, after `timed.elapsed`. `evaluated_per_epoch` images are evaluated per epoch of steps (the
     validations of --run.eval_every), `evaluated_once` at the end (the last validation, the test split, the int8
     calibration's images). `done`: steps the run has already taken (their time is in `timed.elapsed`); the answer
     counts them and is never fewer."""
-    left = budget_minutes * 60 - timed.elapsed - evaluated_once * timed.eval_seconds_per_image
-    available = left * (1 - margin)
+    available = budget_minutes * 60 * (1 - margin) - timed.elapsed - evaluated_once * timed.eval_seconds_per_image
     eval_per_step = evaluated_per_epoch * timed.eval_seconds_per_image / steps_per_epoch
 
     def seconds(total: int) -> float:  # of steps `done` to `total`, rising with `total`
