@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 ARGS = ["train", "--data.dataset", "synthetic", "--model.width", "32", "--model.depth", "2", "--model.heads", "2",
@@ -32,3 +33,17 @@ def test_two_processes_match_one(tmp_path):
     for run in ("one", "two"):
         results = json.loads((tmp_path / run / "results.json").read_text())
         assert results["test"]["top1"] > 0.3, (run, results["test"])
+
+
+def test_a_time_budget_under_torchrun_plans_alike_on_both_processes(tmp_path):
+    """Each checkpoint corrects the plan on rank 0's clock, and every process takes it: the run ends (no process
+    waits on a collective the other skipped) after the number of steps config.yaml records."""
+    out = tmp_path / "budgeted"
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          "-m", "vitkit.cli", *ARGS, "--optim.time_budget", "0.1", "--run.checkpoint_every", "10",
+                          "--run.out", str(out)], capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stderr
+    assert "time budget 0.1 min: set-up took" in two.stdout
+    epochs = yaml.safe_load((out / "config.yaml").read_text())["optim"]["epochs"]
+    results = json.loads((out / "results.json").read_text())
+    assert round(epochs * 28) == results["steps"] > 0

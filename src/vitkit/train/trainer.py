@@ -503,7 +503,8 @@ def _correct_time_budget(run: Run, seconds_in_steps: float) -> None:
     if p.step >= run.total_steps:  # the last step: nothing left to plan
         run.budget_timing = None
         return
-    if p.step - first <= TIMED_STEPS or spent < CORRECTION_WINDOW * o.time_budget * 60:  # too few to go by
+    too_few = p.step - first <= TIMED_STEPS or spent < CORRECTION_WINDOW * o.time_budget * 60
+    if ctx.broadcast_flag(too_few):  # rank 0's clock decides for every process
         run.budget_window = (first, spent)
         return
     timed = run.budget_timing
@@ -710,10 +711,10 @@ def _log_step(run: Run, sums: dict[str, float]) -> None:
 
 def _end_of_period(run: Run) -> None:
     """At an epoch's end, the last step or a checkpoint step: evaluate (every `eval_every` epoch ends and the last
-    step), then write a checkpoint. Every process waits for rank 0 here."""
-    steps_ended = time.perf_counter()
+    step), then write a checkpoint. Under --optim.time_budget the plan is corrected first. Every process waits for
+    rank 0 here."""
     if run.budget_timing is not None:
-        _correct_time_budget(run, steps_ended - run.steps_resumed)
+        _correct_time_budget(run, time.perf_counter() - run.steps_resumed)
     p, main = run.position, run.ctx.is_main
     epoch_done = p.batch >= run.steps_per_epoch
     every = run.cfg.run.eval_every
