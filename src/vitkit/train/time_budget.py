@@ -27,7 +27,7 @@ correction keeps it."""
 
 @dataclass(frozen=True)
 class TimedRun:
-    """What was measured of a run before its first step (or, corrected, before its first checkpoint)."""
+    """What was measured of a run before its first step (or, corrected, by an epoch's end or checkpoint)."""
 
     elapsed: float
     """Seconds of the run spent so far: loading, set-up, compilation, this timing (and the steps already taken)."""
