@@ -7,11 +7,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
-from safetensors.torch import load_file
 
-from test_train import _losses, tiny_config
+from test_train import _assert_same_weights, _losses, _stopped_and_resumed, tiny_config
 from vitkit.cli import main
 from vitkit.train import time_budget, trainer
 from vitkit.train.config import TrainConfig
@@ -62,6 +60,11 @@ def test_corrected_scales_every_phase_by_how_the_latest_steps_ran():
     assert now.step_seconds == [(0.5, 0.2), (1.0, 0.6)]
 
 
+def _refuse_timing(monkeypatch) -> None:
+    """From now on, a run that times its steps fails the test (a resumed run keeps its config.yaml's schedule)."""
+    monkeypatch.setattr(trainer, "_fit_time_budget", lambda *args: pytest.fail("a resumed run timed again"))
+
+
 def _spy_on_the_choice(monkeypatch, steps: int, corrected: dict[int, int] | None = None) -> list[tuple[int, TimedRun]]:
     """Make the budget's choice `steps` (a test cannot wait for what a real budget fits), and when a checkpoint
     plans again after `done` steps, `corrected[done]` (the latest choice where it has no entry), and keep (done,
@@ -104,17 +107,8 @@ def test_a_budgeted_run_is_the_run_of_the_epochs_it_chose_and_resumes_without_ti
 
     train(config(tmp_path / "plain", epochs=1.25))
 
-    part = config(tmp_path / "part", time_budget=5.0)
-    part.run.max_steps = 20
-    train(part)
-    monkeypatch.setattr(trainer, "_fit_time_budget", lambda *args: pytest.fail("a resumed run timed again"))
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
-
-    weights = [load_file(tmp_path / name / "model.safetensors") for name in ("budgeted", "plain", "part")]
-    for key in weights[0]:
-        assert torch.equal(weights[0][key], weights[1][key]), key
-        assert torch.equal(weights[0][key], weights[2][key]), key
+    _stopped_and_resumed(config(tmp_path / "part", time_budget=5.0), 20, lambda: _refuse_timing(monkeypatch))
+    _assert_same_weights(tmp_path / "budgeted", tmp_path / "plain", tmp_path / "part")
     losses = _losses(tmp_path / "budgeted")
     assert len(losses) == 35 and losses == _losses(tmp_path / "plain") == _losses(tmp_path / "part")
 
@@ -183,13 +177,6 @@ def test_each_checkpoint_plans_again_and_a_resumed_run_keeps_its_checkpoints_pla
         total = 35 if step <= 10 else 40 if step <= 20 else 42
         assert rate == pytest.approx(3e-3 * lr_factor(step, total, warmup_steps(0.1, total), "cosine"), rel=1e-12)
 
-    part = config(tmp_path / "part")
-    part.run.max_steps = 20
-    train(part)
-    monkeypatch.setattr(trainer, "_fit_time_budget", lambda *args: pytest.fail("a resumed run timed again"))
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
-    whole, resumed = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
-    for key in whole:
-        assert torch.equal(whole[key], resumed[key]), key
+    _stopped_and_resumed(config(tmp_path / "part"), 20, lambda: _refuse_timing(monkeypatch))
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
     assert _losses(tmp_path / "whole") == _losses(tmp_path / "part")

@@ -72,6 +72,23 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
+def _stopped_and_resumed(cfg: TrainConfig, stop_at: int, before_resume=lambda: None) -> None:
+    """Train `cfg` for `stop_at` steps (--run.max_steps), call `before_resume`, then resume it to its end."""
+    cfg.run.max_steps = stop_at
+    train(cfg)
+    before_resume()
+    cfg.run.max_steps, cfg.run.resume = None, True
+    train(cfg)
+
+
+def _assert_same_weights(*runs: Path) -> None:
+    """The final weights of every run in `runs` equal the first's, bit for bit."""
+    first, *others = (load_file(run / "model.safetensors") for run in runs)
+    for other in others:
+        for key in first:
+            assert torch.equal(first[key], other[key]), key
+
+
 # The batched in-memory augmentation, and the per-sample torchvision pipeline with mixup.
 AUGMENTATIONS = {
     "batched": {},
@@ -499,14 +516,8 @@ def test_patch_dropout_phases_set_each_steps_token_count_and_resume_bit_exactly(
     records = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
     assert [r["train/patch_dropout"] for r in records if "train/loss" in r] == [0.75] * 14 + [0.0] * 14
 
-    part = config(tmp_path / "part")
-    part.run.max_steps = 10
-    train(part)
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
-    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _stopped_and_resumed(config(tmp_path / "part"), 10)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
     assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
 
 
@@ -548,17 +559,11 @@ def test_auto_precision_trains_in_the_timed_choice_and_a_resumed_run_keeps_it(tm
     train(config(tmp_path / "whole"))
     assert asked == [16]  # the micro-batch: 32 images in 2 parts
     assert "precision auto: timed now: fp32 faster" in capsys.readouterr().out
-    part = config(tmp_path / "part")
-    part.run.max_steps = 10
-    train(part)
-    monkeypatch.setattr(trainer, "fastest_training_precision", timed("bf16-mixed"))
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
+    _stopped_and_resumed(config(tmp_path / "part"), 10, lambda: monkeypatch.setattr(
+        trainer, "fastest_training_precision", timed("bf16-mixed")))
     assert "precision auto: fp32, as the run's checkpoint records" in capsys.readouterr().out
     assert asked == [16, 16]  # the resumed run took the recorded precision without timing again
-    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("whole", "part"))
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
     fresh = config(tmp_path / "bf16")
     fresh.run.max_steps = 2
     train(fresh)
