@@ -127,7 +127,7 @@ def test_a_budgeted_run_fits_what_its_timing_allows(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path / "run", time_budget=0.1)  # 6 s
     train(cfg)
     (args, kwargs, _), *corrections = seen
-    assert args[0] == 0.1 and args[2] == 28 and "done" not in kwargs
+    assert args[0] == 0.1 and args[2] == 28 and kwargs["done"] == 0
     assert 0 < args[1].step_seconds[0][1] < 1
     assert all(later[1]["done"] > earlier[1].get("done", 0) for earlier, later in zip(seen, seen[1:]))
     steps = seen[-1][2]  # the last plan's

@@ -446,7 +446,7 @@ def _fit_time_budget(run: Run, started: float) -> None:
     """--optim.time_budget: time the run's own steps at each PatchDropout rate it will use (the first at each
     compiles it, as the run would have), put the model, optimiser, weight average, position and random state back
     as they were, and give the run the number of steps that fits (vitkit.train.time_budget)."""
-    cfg, ctx, o = run.cfg, run.ctx, run.cfg.optim
+    ctx, o = run.ctx, run.cfg.optim
     phases = o.patch_dropout_phases or [(1.0, None)]
     before = _state_before_timing(run)
     # Every phase must hold steps while timing, whatever --optim.epochs gave: the rates are looked up in a long run.
@@ -471,18 +471,32 @@ def _fit_time_budget(run: Run, started: float) -> None:
         eval_seconds = _eval_seconds_per_image(run)
     _restore_state_before_timing(run, before)
     timed = TimedRun(time.perf_counter() - started, [(end, seconds_at[rate]) for end, rate in phases], eval_seconds)
-    steps = _on_main_first(ctx, lambda: steps_within(o.time_budget, timed, run.steps_per_epoch,
-                                                      *_images_evaluated(run)))
-    steps = round(ctx.sum([float(steps) if ctx.is_main else 0.0])[0])  # rank 0's choice on every process
-    run.total_steps = steps
-    run.scheduler = _schedule(run.optimizer, o, steps)
-    run.cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
+    steps = _fitted_steps(run, timed)
+    _follow_plan(run, steps)
     run.began, run.budget_timing = started, timed
     if ctx.is_main:
         rates = ", ".join(f"{seconds:.3f} s" + ("" if rate is None else f" at PatchDropout {rate:g}")
                           for rate, seconds in seconds_at.items())
         print(f"time budget {o.time_budget:g} min: set-up took {timed.elapsed:.0f} s, a step {rates}; "
               f"{steps} steps ({steps / run.steps_per_epoch:.2f} epochs) fit, in place of --optim.epochs {o.epochs:g}")
+
+
+def _fitted_steps(run: Run, timed: TimedRun) -> int:
+    """The steps that fit the budget (vitkit.train.time_budget.steps_within) after `timed`, the run's steps so far
+    counted: rank 0's answer on every process."""
+    o, p = run.cfg.optim, run.position
+    steps = _on_main_first(run.ctx, lambda: steps_within(o.time_budget, timed, run.steps_per_epoch,
+                                                          *_images_evaluated(run), done=p.step))
+    return round(run.ctx.sum([float(steps) if run.ctx.is_main else 0.0])[0])
+
+
+def _follow_plan(run: Run, steps: int) -> None:
+    """Make `steps` the run's length from its current step on: the schedule rebuilt at that step, and the epochs they
+    make in the run's config."""
+    o = run.cfg.optim
+    run.total_steps = steps
+    run.scheduler = _schedule(run.optimizer, o, steps, step=run.position.step)
+    run.cfg = dataclasses.replace(run.cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
 
 
 CORRECTION_WINDOW = 0.1
@@ -498,7 +512,7 @@ def _correct_time_budget(run: Run, seconds_in_steps: float) -> None:
     the last correction took (`seconds_in_steps` for the latest of them), plan the steps again, and record the
     epochs in config.yaml before the checkpoint, so a resumed run keeps the plan of its checkpoint (vitkit.train.
     time_budget.corrected). The learning rate and PatchDropout follow the new plan from this step on."""
-    cfg, ctx, o, p = run.cfg, run.ctx, run.cfg.optim, run.position
+    ctx, o, p = run.ctx, run.cfg.optim, run.position
     first, spent = run.budget_window[0], run.budget_window[1] + seconds_in_steps
     if p.step >= run.total_steps:  # the last step: nothing left to plan
         run.budget_timing = None
@@ -509,16 +523,12 @@ def _correct_time_budget(run: Run, seconds_in_steps: float) -> None:
         return
     timed = run.budget_timing
     now = corrected(timed, run.total_steps, first, p.step, spent, time.perf_counter() - run.began)
-    steps = _on_main_first(ctx, lambda: steps_within(o.time_budget, now, run.steps_per_epoch, *_images_evaluated(run),
-                                                      done=p.step))
-    steps = round(ctx.sum([float(steps) if ctx.is_main else 0.0])[0])  # rank 0's choice on every process
+    steps = _fitted_steps(run, now)
     run.budget_timing, run.budget_window = now, (p.step, 0.0)
     planned = run.total_steps
     if steps == planned:
         return
-    run.total_steps = steps
-    run.scheduler = _schedule(run.optimizer, o, steps, step=p.step)
-    run.cfg = dataclasses.replace(cfg, optim=dataclasses.replace(o, epochs=steps / run.steps_per_epoch))
+    _follow_plan(run, steps)
     if ctx.is_main:
         write_config(run.cfg)
         run.progress.total = run.stop_at
