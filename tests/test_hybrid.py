@@ -18,7 +18,7 @@ from randomised import randomise_
 from vitkit.inference_modes import InferenceModel
 from vitkit.model import (STEMS, ViT, ViTConfig, adapt_for_finetune, count_parameters, create_model, decode_variant,
                           model_config, resample_pos_embed)
-from vitkit.model.resnet_stem import stem_channels, stem_parameters, stem_stride
+from vitkit.model.resnet_stem import RootBlock, _pad_same, stem_channels, stem_parameters, stem_stride
 from vitkit.model.vit import HybridEmbed, PatchEmbed
 from vitkit.runtime import cpu_has_vnni
 from vitkit.weights import (WeightsError, export_npz, infer_config, load_model, load_pretrained, load_weights,
@@ -274,6 +274,29 @@ def test_any_layout_and_patch_size_match_timm(layers, patch, in_chans):
             torch.testing.assert_close(model(x), reference(x), rtol=1e-3, atol=1e-4)
     if len(layers) == 1:  # one stage: the input gradients are still stable (see DEFAULT_PARITY)
         assert_same_function(model, reference, [(size, size)])
+
+
+@pytest.mark.parametrize("in_chans,size", [(1, (32, 32)), (3, (27, 38))])
+def test_the_root_block_pooling_before_rectifying_gives_the_values_and_gradients_of_the_papers_order(in_chans, size):
+    # The root block pools channels-last and rectifies after (for speed); the paper's (and timm's) order is
+    # conv -> GroupNorm -> ReLU -> max-pool, in NCHW. About half the pooled windows here hold no positive value.
+    torch.manual_seed(0)
+    block = RootBlock(in_chans)
+    x = torch.randn(4, in_chans, *size, requires_grad=True)
+
+    def papers_order(x):
+        y = torch.relu(block.norm(block.conv(x)))
+        return torch.nn.functional.max_pool2d(_pad_same(y, 3, 2, value=float("-inf")), kernel_size=3, stride=2)
+
+    expected = papers_order(x)
+    got = block(x)
+    assert got.shape == expected.shape == (4, 64, math.ceil(size[0] / 4), math.ceil(size[1] / 4))
+    assert torch.equal(got, expected)
+    weights = torch.randn_like(expected)
+    grads = torch.autograd.grad((got * weights).sum(), [x, *block.parameters()])
+    expected_grads = torch.autograd.grad((expected * weights).sum(), [x, *block.parameters()])
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -269,7 +269,7 @@ def test_the_quick_preset_trains_its_hybrid_on_images_resized_once(tmp_path, mon
     assert model.pos_embed.shape == (1, 17, 128)
 
 
-def test_the_fast_preset_is_the_default_recipe_with_its_measured_changes():
+def test_the_fast_preset_is_the_default_recipe_on_the_quick_presets_hybrid_with_its_measured_changes():
     ns = build_parser().parse_args(["train", "--preset", "fast"])
     fast = build_parser().instantiate(ns).train
     default = TrainConfig()
@@ -277,9 +277,9 @@ def test_the_fast_preset_is_the_default_recipe_with_its_measured_changes():
                for key, value in vars(getattr(fast, section)).items()
                if value != getattr(getattr(default, section), key)}
     assert changed == {
+        ("model", "name"): "R+Ti/8", ("model", "patch_dropout"): 0.0, ("data", "image_size"): 32,
         ("init", "zero_residual"): True, ("optim", "lr"): 0.002, ("optim", "betas"): (0.9, 0.95),
         ("optim", "batch_size"): 256, ("optim", "epochs"): 40.0, ("optim", "time_budget"): 15.0,
-        ("optim", "patch_dropout_phases"): [(0.7, 0.75), (1.0, 0.5)],
         ("run", "out"): "runs/fashion-mnist-fast", ("run", "eval_every"): 0}
 
 
