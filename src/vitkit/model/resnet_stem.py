@@ -140,8 +140,8 @@ class RootBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.conv(x))  # (B, C, H, W) -> (B, 64, H/2, W/2)
         x = _pad_same(x, 3, 2, value=float("-inf"))  # the padding never wins a maximum
-        # Max-pooling on a CPU is vectorised over channels only in the channels-last layout: there, at the quick
-        # preset's shape (batch 256 of 64 x 17 x 17), it runs 15x faster forward and 2x backward than on NCHW.
+        # Max-pooling on a CPU is vectorised over channels only in the channels-last layout: there, at the fast
+        # preset's shape (batch 256 of 64 x 17 x 17), it ran 15x faster forward and 2x backward than on NCHW.
         x = F.max_pool2d(x.contiguous(memory_format=torch.channels_last), kernel_size=3, stride=2)
         # ReLU after the pooling gives the same values and gradients as before it (the maximum of rectified values
         # is the rectified maximum), on a quarter of the positions and in the pooling's layout.
