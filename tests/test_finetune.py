@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from test_train import _assert_same_weights, _stopped_and_resumed
 from vitkit.cli import build_parser, expand_aliases, main
 from vitkit.data import eval_transform
 from vitkit.model import adapt_for_finetune, adapt_input_channels
@@ -190,13 +191,8 @@ def test_higher_resolution_finetune_stores_the_new_grid(pretrained_file, tmp_pat
 
 def test_finetune_resumes_bit_exactly(pretrained_file, tmp_path):
     train(finetune_config(pretrained_file, tmp_path / "whole"))
-    part = finetune_config(pretrained_file, tmp_path / "part")
-    part.run.max_steps = 9
-    train(part)
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    _stopped_and_resumed(finetune_config(pretrained_file, tmp_path / "part"), 9)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
 
 
 def test_sweep_keeps_the_learning_rate_with_the_best_validation_accuracy(pretrained_file, tmp_path):

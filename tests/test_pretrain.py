@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from test_train import _assert_same_weights, _stopped_and_resumed
 from vitkit.cli import main
 from vitkit.train.config import (DataOptions, ModelOptions, MPPOptions, OptimOptions, PretrainConfig, RunOptions,
                                  pretrain_defaults)
@@ -49,14 +50,10 @@ def test_pretrain_lowers_the_mpp_loss_and_resumes_bit_exactly(tmp_path):
     header = (tmp_path / "whole" / "config.yaml").read_text().splitlines()[0]
     assert header.startswith("# vitkit pretrain --config")
 
-    part = mpp_config(tmp_path / "part", max_steps=17)
-    train(part)
-    part.run.max_steps, part.run.resume = None, True
-    train(part)  # the mask embedding and the head come back from the checkpoint: the weights say so
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
-    assert a.keys() == b.keys() and "head.weight" not in a  # the encoder alone
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    # The mask embedding and the head come back from the checkpoint: the weights say so.
+    _stopped_and_resumed(mpp_config(tmp_path / "part"), 17)
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
+    assert "head.weight" not in load_file(tmp_path / "whole" / "model.safetensors")  # the encoder alone
     assert _losses(tmp_path / "part") == losses
 
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from torch import nn
 from torchvision.models import resnet18
 
+from test_train import _assert_same_weights, _losses, _stopped_and_resumed
 from vitkit.cli import main
 from vitkit.model.resnet import ResNetBaseline, ResNetConfig
 from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, PretrainConfig, RunOptions, TrainConfig
@@ -100,11 +101,6 @@ def tiny_resnet_config(out: Path, **optim) -> TrainConfig:
     )
 
 
-def _losses(run: Path) -> list[tuple[int, float]]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
-
-
 def test_training_writes_its_run_and_resumes_bit_exactly(tmp_path):
     def config(out: Path) -> TrainConfig:
         return tiny_resnet_config(out, ema=0.9)  # the average's copy of the BatchNorm statistics is checkpointed too
@@ -118,15 +114,9 @@ def test_training_writes_its_run_and_resumes_bit_exactly(tmp_path):
     assert results["test"]["top1"] == pytest.approx(whole.test.top1)
     assert whole.test.top1 > 0.5, whole.test  # 10 classes: it learns
 
-    part = config(tmp_path / "part")
-    part.run.max_steps = 17  # mid-epoch, between the checkpoints every 7 steps
-    train(part)
-    part.run.max_steps, part.run.resume = None, True
-    train(part)
-    a, b = load_file(run / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
-    assert a.keys() == b.keys() and any(key.endswith("running_mean") for key in a)
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    _stopped_and_resumed(config(tmp_path / "part"), 17)  # mid-epoch, between the checkpoints every 7 steps
+    _assert_same_weights(run, tmp_path / "part")
+    assert any(key.endswith("running_mean") for key in load_file(run / "model.safetensors"))
     assert _losses(tmp_path / "part") == _losses(run)
 
 

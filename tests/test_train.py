@@ -82,9 +82,10 @@ def _stopped_and_resumed(cfg: TrainConfig, stop_at: int, before_resume=lambda: N
 
 
 def _assert_same_weights(*runs: Path) -> None:
-    """The final weights of every run in `runs` equal the first's, bit for bit."""
+    """The final weights of every run in `runs` equal the first's, bit for bit, under the same names."""
     first, *others = (load_file(run / "model.safetensors") for run in runs)
     for other in others:
+        assert first.keys() == other.keys()
         for key in first:
             assert torch.equal(first[key], other[key]), key
 
