@@ -10,6 +10,7 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
+from test_train import _assert_same_weights, _losses, _stopped_and_resumed
 from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
 from vitkit.train.trainer import train
 
@@ -68,22 +69,17 @@ def config(out, **run) -> TrainConfig:
 def test_a_second_objective_learns_and_resumes_bit_exactly(tmp_path):
     whole = Brightness()
     result = train(config(tmp_path / "whole"), whole)
-    records = [line for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines() if "train/loss" in line]
-    first, last = (float(line.split('"train/loss": ')[1].split(",")[0]) for line in (records[0], records[-1]))
+    (_, first), *_, (_, last) = _losses(tmp_path / "whole")
     assert last < 0.5 * first, (first, last)
     assert whole.scale.item() != 1.0  # the objective's own parameter was trained
     assert result.test is None and (tmp_path / "whole" / "results.json").exists()
 
-    part = Brightness()
-    cut = config(tmp_path / "part", max_steps=17)  # mid-epoch, between checkpoints (every 7 steps)
-    train(cut, part)
     resumed = Brightness()  # a fresh process would start from a fresh objective
-    cut.run.max_steps, cut.run.resume = None, True
-    train(cut, resumed)
-    a, b = load_file(tmp_path / "whole" / "model.safetensors"), load_file(tmp_path / "part" / "model.safetensors")
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
+    # stopped mid-epoch, between checkpoints (every 7 steps)
+    _stopped_and_resumed(config(tmp_path / "part"), 17, objectives=(Brightness(), resumed))
+    _assert_same_weights(tmp_path / "whole", tmp_path / "part")
     assert torch.equal(whole.scale, resumed.scale)
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
 
 
 def test_a_second_objective_under_torchrun_matches_one_process(tmp_path):

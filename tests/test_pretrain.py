@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from test_train import _assert_same_weights, _stopped_and_resumed
+from test_train import _assert_same_weights, _losses, _stopped_and_resumed
 from vitkit.cli import main
 from vitkit.train.config import (DataOptions, ModelOptions, MPPOptions, OptimOptions, PretrainConfig, RunOptions,
                                  pretrain_defaults)
@@ -34,14 +34,9 @@ def mpp_config(out: Path, **run) -> PretrainConfig:
     return cfg
 
 
-def _losses(run: Path) -> list[float]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r["train/loss"] for r in records if "train/loss" in r]
-
-
 def test_pretrain_lowers_the_mpp_loss_and_resumes_bit_exactly(tmp_path):
     train(mpp_config(tmp_path / "whole"))
-    losses = _losses(tmp_path / "whole")
+    losses = [loss for _, loss in _losses(tmp_path / "whole")]
     # The synthetic images are RGB: 512 colour classes, chance log(512) = 6.24 nats, where the first steps start.
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < min(0.88 * first, math.log(512) - 0.5), (losses[:5], losses[-5:])
@@ -54,7 +49,7 @@ def test_pretrain_lowers_the_mpp_loss_and_resumes_bit_exactly(tmp_path):
     _stopped_and_resumed(mpp_config(tmp_path / "part"), 17)
     _assert_same_weights(tmp_path / "whole", tmp_path / "part")
     assert "head.weight" not in load_file(tmp_path / "whole" / "model.safetensors")  # the encoder alone
-    assert _losses(tmp_path / "part") == losses
+    assert _losses(tmp_path / "part") == _losses(tmp_path / "whole")
 
 
 def test_the_pretrained_encoder_is_what_finetune_starts_from(tmp_path):

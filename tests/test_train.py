@@ -16,6 +16,7 @@ from image_corpus import BOMB_LIMIT, Corpus, assert_reason, write_corpus
 from vitkit.cli import available_presets, build_parser, main, presets_dir
 from vitkit.train.config import DataOptions, ModelOptions, OptimOptions, RunOptions, TrainConfig
 from vitkit.train.errors import TrainingError
+from vitkit.train.objective import Objective
 from vitkit.train.trainer import train
 
 
@@ -72,13 +73,15 @@ def _losses(run: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
 
 
-def _stopped_and_resumed(cfg: TrainConfig, stop_at: int, before_resume=lambda: None) -> None:
-    """Train `cfg` for `stop_at` steps (--run.max_steps), call `before_resume`, then resume it to its end."""
+def _stopped_and_resumed(cfg: TrainConfig, stop_at: int, before_resume=lambda: None,
+                         objectives: tuple[Objective | None, Objective | None] = (None, None)) -> None:
+    """Train `cfg` for `stop_at` steps (--run.max_steps), call `before_resume`, then resume it to its end;
+    `objectives` are what the two trainings optimise (None: the one `cfg` describes)."""
     cfg.run.max_steps = stop_at
-    train(cfg)
+    train(cfg, objectives[0])
     before_resume()
     cfg.run.max_steps, cfg.run.resume = None, True
-    train(cfg)
+    train(cfg, objectives[1])
 
 
 def _assert_same_weights(*runs: Path) -> None:
