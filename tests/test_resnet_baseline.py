@@ -103,17 +103,16 @@ def tiny_resnet_config(out: Path, **optim) -> TrainConfig:
 
 def test_training_writes_its_run_and_resumes_bit_exactly(tmp_path):
     def config(out: Path) -> TrainConfig:
-        # the average's copy of the BatchNorm statistics is checkpointed too
-        return tiny_resnet_config(out, ema=0.9, epochs=1)
+        return tiny_resnet_config(out, ema=0.9)  # the average's copy of the BatchNorm statistics is checkpointed too
 
     whole = train(config(tmp_path / "whole"))
     run = tmp_path / "whole"
     for name in ("config.yaml", "results.json", "model.safetensors", "best.safetensors", "checkpoints/last"):
         assert (run / name).exists(), name
     results = json.loads((run / "results.json").read_text())
-    assert results["steps"] == whole.steps == 28  # 900 // 32 steps an epoch
+    assert results["steps"] == whole.steps == 56  # 2 epochs of 900 // 32 = 28 steps
     assert results["test"]["top1"] == pytest.approx(whole.test.top1)
-    assert whole.test.top1 > 0.3, whole.test  # 10 classes, chance 0.1: it learns (0.595 on an AVX2 CPU)
+    assert whole.test.top1 > 0.5, whole.test  # 10 classes: it learns
 
     _stopped_and_resumed(config(tmp_path / "part"), 17)  # mid-epoch, between the checkpoints every 7 steps
     _assert_same_weights(run, tmp_path / "part")
