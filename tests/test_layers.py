@@ -24,7 +24,7 @@ LAYERS = [
     ["vitkit.weights"],
     ["vitkit"],  # the package's face: the public API of the layers below
     ["vitkit.fastest_mode", "vitkit.int8_calibration"],
-    ["vitkit.evaluation", "vitkit.inference_modes", "vitkit.pretrain", "vitkit.inspect"],
+    ["vitkit.evaluation", "vitkit.flip_averaging", "vitkit.inference_modes", "vitkit.pretrain", "vitkit.inspect"],
     ["vitkit.inference"],
     ["vitkit.fewshot", "vitkit.inspection", "vitkit.export", "vitkit.serve"],  # commands over inference
     ["vitkit.train"],
