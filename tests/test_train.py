@@ -282,7 +282,8 @@ def test_the_fast_preset_is_the_default_recipe_on_the_quick_presets_hybrid_with_
                if value != getattr(getattr(default, section), key)}
     assert changed == {
         ("model", "name"): "R+Ti/8", ("model", "patch_dropout"): 0.0, ("data", "image_size"): 32,
-        ("init", "zero_residual"): True, ("optim", "lr"): 0.002, ("optim", "betas"): (0.9, 0.95),
+        ("init", "zero_residual"): True, ("optim", "optimizer"): "muon", ("optim", "lr"): 0.002,
+        ("optim", "betas"): (0.9, 0.95),
         ("optim", "batch_size"): 256, ("optim", "epochs"): 40.0, ("optim", "time_budget"): 15.0,
         ("run", "out"): "runs/fashion-mnist-fast", ("run", "eval_every"): 0}
 

@@ -126,10 +126,12 @@ class DataOptions:
 class OptimOptions:
     """Optimiser, schedule and regularisation."""
 
-    optimizer: Literal["adamw", "adam", "adam-l2", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "adam-l2", "sgd", "muon"] = "adamw"
     """adamw; adam, the paper's (Flax's Adam: the weight decay is decoupled from the gradient and scaled by the
     learning rate, the same update as adamw); adam-l2 (the weight decay added to the gradient, torch's Adam); sgd
-    (with momentum)."""
+    (with momentum); muon (Muon's orthogonalised momentum on the encoder blocks' weight matrices, scaled so that
+    AdamW's learning rate and weight decay carry over, and AdamW on the other parameters; the fast and quick
+    presets' optimiser)."""
     lr: float = 7.5e-4
     """Peak learning rate (for the effective batch size), reached after the warm-up."""
     weight_decay: float = 0.05
