@@ -3,6 +3,7 @@ parameters it takes, and a run that stops and resumes on it as if it had not sto
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import vitkit
@@ -66,6 +67,11 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_at_one_schedule():
         scheduler.step()
     lrs = [group["lr"] for group in optimizer.muon.param_groups + optimizer.adamw.param_groups]
     assert len(lrs) == 3 and all(abs(lr - 1e-3 * 4 / 5) < 1e-12 for lr in lrs), lrs  # warm-up's 4th step of 5
+
+
+def test_muon_refuses_a_model_without_encoder_blocks():
+    with pytest.raises(ValueError, match="optimizer muon .* has none to train: choose adamw"):
+        build_optimizer(torch.nn.Linear(3, 4), "muon", 1e-3)
 
 
 def test_a_muon_run_resumed_mid_epoch_is_bit_exact(tmp_path):

@@ -69,7 +69,10 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
     if name == "muon":
-        matrices = [param for name, param in _named_parameters(model) if _is_block_matrix(name, param)]
+        matrices = [param for key, param in _named_parameters(model) if _is_block_matrix(key, param)]
+        if not matrices:
+            raise ValueError("--optim.optimizer muon trains the weight matrices of a ViT's encoder blocks, and this "
+                             "model has none to train: choose adamw")
         return MuonWithAdamW(matrices, parameter_groups(model, weight_decay, leave_out=_is_block_matrix), lr,
                              weight_decay, betas)
     raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam, adam-l2, sgd or muon")
