@@ -36,7 +36,7 @@ def test_muon_steps_like_torchs_muon_scaled_to_adamw():
     results = {}
     for name in ("vitkit", "torch"):
         param = torch.nn.Parameter(weight.clone())
-        bias = torch.nn.Parameter(torch.zeros(3))  # AdamW's share, which muon's parameter must not touch
+        bias = torch.nn.Parameter(torch.zeros(3))  # AdamW's share: it refuses an empty list (no gradient here)
         optimizer = (MuonWithAdamW([param], [{"params": [bias]}], lr, wd, (0.9, 0.95)) if name == "vitkit" else
                      torch.optim.Muon([param], lr=lr, weight_decay=wd, adjust_lr_fn="match_rms_adamw"))
         for grad in grads:
