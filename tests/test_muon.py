@@ -70,8 +70,17 @@ def test_muon_takes_the_blocks_matrices_and_adamw_the_rest_at_one_schedule():
 
 
 def test_muon_refuses_a_model_without_encoder_blocks():
-    with pytest.raises(ValueError, match="optimizer muon .* has none to train: choose adamw"):
+    with pytest.raises(ValueError, match="optimizer muon .* this model has none: choose adamw or sgd"):
         build_optimizer(torch.nn.Linear(3, 4), "muon", 1e-3)
+
+
+def test_muon_refuses_a_frozen_encoder_and_says_so():
+    from vitkit.model import freeze_backbone
+    model = vitkit.create_model("Ti/4", img_size=8, in_chans=1, num_classes=3, width=16, depth=1, heads=2,
+                                mlp_dim=32)
+    freeze_backbone(model)
+    with pytest.raises(ValueError, match=r"blocks are frozen \(--init.freeze\), so only the head trains"):
+        build_optimizer(model, "muon", 1e-3)
 
 
 def test_a_muon_run_resumed_mid_epoch_is_bit_exact(tmp_path):

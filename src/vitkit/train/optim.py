@@ -71,8 +71,11 @@ def build_optimizer(
     if name == "muon":
         matrices = [param for key, param in _named_parameters(model) if _is_block_matrix(key, param)]
         if not matrices:
-            raise ValueError("--optim.optimizer muon trains the weight matrices of a ViT's encoder blocks, and this "
-                             "model has none to train: choose adamw")
+            frozen = any(_is_block_matrix(key, param) for key, param in model.named_parameters())
+            reason = ("its encoder blocks are frozen (--init.freeze), so only the head trains" if frozen
+                      else "this model has none")
+            raise ValueError(f"--optim.optimizer muon trains the weight matrices of a ViT's encoder blocks, and "
+                             f"{reason}: choose adamw or sgd")
         return MuonWithAdamW(matrices, parameter_groups(model, weight_decay, leave_out=_is_block_matrix), lr,
                              weight_decay, betas)
     raise ValueError(f"unknown optimizer {name!r}: choose adamw, adam, adam-l2, sgd or muon")
