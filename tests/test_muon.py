@@ -74,13 +74,19 @@ def test_muon_refuses_a_model_without_encoder_blocks():
         build_optimizer(torch.nn.Linear(3, 4), "muon", 1e-3)
 
 
-def test_muon_refuses_a_frozen_encoder_and_says_so():
-    from vitkit.model import freeze_backbone
-    model = vitkit.create_model("Ti/4", img_size=8, in_chans=1, num_classes=3, width=16, depth=1, heads=2,
+def test_muon_refuses_a_frozen_encoder_and_says_so(tmp_path, capsys):
+    from vitkit.cli import main
+    model = vitkit.create_model("Ti/4", img_size=28, in_chans=1, num_classes=10, width=16, depth=1, heads=2,
                                 mlp_dim=32)
-    freeze_backbone(model)
-    with pytest.raises(ValueError, match=r"blocks are frozen \(--init.freeze\), so only the head trains"):
-        build_optimizer(model, "muon", 1e-3)
+    vitkit.save_weights(model, tmp_path / "pretrained.safetensors")
+    out = tmp_path / "run"
+    assert main(["finetune", "--data", "synthetic", "--init.weights", str(tmp_path / "pretrained.safetensors"),
+                 "--init.freeze", "true", "--optim.optimizer", "muon", "--run.out", str(out),
+                 "--run.precision", "fp32", "--run.compile", "false", "--run.progress", "false",
+                 "--run.tensorboard", "false"]) == 2
+    err = capsys.readouterr().err
+    assert "blocks are frozen (--init.freeze), so only the head trains: choose adamw or sgd" in err, err
+    assert not out.exists()
 
 
 def test_a_muon_run_resumed_mid_epoch_is_bit_exact(tmp_path):

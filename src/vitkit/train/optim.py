@@ -71,7 +71,8 @@ def build_optimizer(
     if name == "muon":
         matrices = [param for key, param in _named_parameters(model) if _is_block_matrix(key, param)]
         if not matrices:
-            frozen = any(_is_block_matrix(key, param) for key, param in model.named_parameters())
+            modules = model if isinstance(model, list) else [model]
+            frozen = any(_is_block_matrix(key, param) for module in modules for key, param in module.named_parameters())
             reason = ("its encoder blocks are frozen (--init.freeze), so only the head trains" if frozen
                       else "this model has none")
             raise ValueError(f"--optim.optimizer muon trains the weight matrices of a ViT's encoder blocks, and "
