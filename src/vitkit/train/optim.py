@@ -13,9 +13,11 @@ from torch import nn
 _NO_DECAY_NAMES = ("pos_embed", "relative_position_bias_table", "cls_token", "mask_token", "mask_embedding")
 
 
-def _named_parameters(modules: nn.Module | list[nn.Module]) -> list[tuple[str, nn.Parameter]]:
+def _named_parameters(modules: nn.Module | list[nn.Module], trainable_only: bool = True
+                      ) -> list[tuple[str, nn.Parameter]]:
     modules = modules if isinstance(modules, list) else [modules]
-    return [(name, param) for module in modules for name, param in module.named_parameters() if param.requires_grad]
+    return [(name, param) for module in modules for name, param in module.named_parameters()
+            if param.requires_grad or not trainable_only]
 
 
 def _is_block_matrix(name: str, param: torch.Tensor) -> bool:
@@ -69,11 +71,11 @@ def build_optimizer(
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=True)
     if name == "muon":
-        matrices = [param for key, param in _named_parameters(model) if _is_block_matrix(key, param)]
+        block_matrices = [param for key, param in _named_parameters(model, trainable_only=False)
+                          if _is_block_matrix(key, param)]
+        matrices = [param for param in block_matrices if param.requires_grad]
         if not matrices:
-            modules = model if isinstance(model, list) else [model]
-            frozen = any(_is_block_matrix(key, param) for module in modules for key, param in module.named_parameters())
-            reason = ("its encoder blocks are frozen (--init.freeze), so only the head trains" if frozen
+            reason = ("its encoder blocks are frozen (--init.freeze), so only the head trains" if block_matrices
                       else "this model has none")
             raise ValueError(f"--optim.optimizer muon trains the weight matrices of a ViT's encoder blocks, and "
                              f"{reason}: choose adamw or sgd")
